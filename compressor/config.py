@@ -1,0 +1,100 @@
+"""``CompressConfig``: every option of a compression run, validated in one place for CLI and API callers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("sgd", "adamw")
+METRICS = ("filters", "params", "macs")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Options of :func:`compressor.compress`. ``target`` is the fraction *removed* of ``target_metric``.
+
+    Attributes
+    ----------
+    method : str
+        Registered method name (``l1``, ``random``, ...).
+    target : float
+        Fraction of ``target_metric`` to remove, in the open interval (0, 1).
+    target_metric : {"filters", "params", "macs"}
+        ``filters`` counts output channels of all Conv2d layers.
+    round_to : int
+        Keep channel counts at multiples of this (1 = no rounding).
+    min_keep : float
+        Each group keeps at least ``ceil(min_keep * C)`` channels (and at least one).
+    ignore_layers : tuple of str
+        Layers whose groups are never pruned.
+    calib_samples : int
+        Images of ``data`` used by data-driven scorers.
+    epochs, lr, optimizer, batch_size, weight_decay, distill, augment
+        Fine-tuning; ``augment=None`` enables crop+flip for 32x32 images.
+    device : {"auto", "cpu", "cuda"}
+    seed : int
+    bench_batches : tuple of int
+        Batch sizes for the onnxruntime latency benchmark (empty = no benchmark).
+    threads : int or None
+        onnxruntime intra-op threads (None = onnxruntime's default).
+    bench_repeats : int
+        Timed runs per model and batch size.
+    atol : float
+        Maximum |PyTorch - onnxruntime| accepted by the parity check.
+    method_options : dict
+        Method-specific options, forwarded to the scorer.
+    """
+
+    method: str = "l1"
+    target: float = 0.33
+    target_metric: str = "filters"
+    round_to: int = 1
+    min_keep: float = 0.1
+    ignore_layers: tuple[str, ...] = ()
+    calib_samples: int = 256
+    epochs: int = 0
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    distill: bool = False
+    augment: bool | None = None
+    device: str = "auto"
+    seed: int = 0
+    bench_batches: tuple[int, ...] = (1, 32)
+    threads: int | None = None
+    bench_repeats: int = 50
+    atol: float = 1e-4
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> CompressConfig:
+        """Raise :class:`InputError` naming the first invalid option; return ``self``."""
+        checks = [
+            (isinstance(self.target, (int, float)) and 0.0 < self.target < 1.0 and math.isfinite(self.target),
+             f"--target must be a fraction in the open interval (0, 1), e.g. 0.33; got {self.target}"),
+            (self.target_metric in METRICS, f"--target-metric must be one of {', '.join(METRICS)}; "
+                                            f"got {self.target_metric!r}"),
+            (self.round_to >= 1, f"--round-to must be >= 1; got {self.round_to}"),
+            (0.0 < self.min_keep < 1.0, f"--min-keep must be in (0, 1); got {self.min_keep}"),
+            (self.calib_samples >= 1, f"--calib-samples must be >= 1; got {self.calib_samples}"),
+            (self.epochs >= 0, f"--epochs must be >= 0; got {self.epochs}"),
+            (self.lr > 0, f"--lr must be > 0; got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}"),
+            (all(b >= 1 for b in self.bench_batches), f"--bench-batch sizes must be >= 1; got {self.bench_batches}"),
+            (self.threads is None or self.threads >= 1, f"--threads must be >= 1; got {self.threads}"),
+            (self.bench_repeats >= 1, f"--bench-repeats must be >= 1; got {self.bench_repeats}"),
+            (self.atol > 0, f"--atol must be > 0; got {self.atol}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""Physical channel pruning through torch-pruning's dependency graph."""

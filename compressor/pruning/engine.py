@@ -1,0 +1,264 @@
+"""Structured pruning engine: groups, keep-count allocation, physical channel removal, validation.
+
+The engine owns *how many* channels each group keeps and removes them with torch-pruning's ``DependencyGraph``;
+scorers (:mod:`compressor.pruning.scorers`) decide *which* channels. A group is the set of layers whose channels must
+change together (a residual stream, a conv and its BN and consumers, a depthwise conv and its producer, a concat).
+
+Target convention: ``target`` is the fraction *removed*, of one metric:
+
+* ``filters``: conv output channels summed over all ``Conv2d`` layers (default for pruning);
+* ``params``: all parameters;
+* ``macs``: multiply-accumulates of ``Conv2d`` and ``Linear`` layers for one image (see :mod:`compressor.metrics`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import InputError, PruningError
+from ..metrics import count_filters, count_macs, count_params
+from .shortcut import customized_pruners
+
+METRICS = ("filters", "params", "macs")
+TARGET_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class PruningGroup:
+    """Channels that must be pruned together, identified by the name of the layer whose outputs are the root.
+
+    Attributes
+    ----------
+    root : str
+        Module name of the root layer (its output channels index the group).
+    channels : int
+        Number of prunable channels.
+    out_layers : tuple of str
+        Conv/Linear layers whose *output* channels are removed with the group (a residual stream has several).
+    in_layers : tuple of str
+        Layers whose *input* channels are removed with the group.
+    """
+
+    root: str
+    channels: int
+    out_layers: tuple[str, ...]
+    in_layers: tuple[str, ...]
+
+
+def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
+    """Trace ``model`` into a torch-pruning dependency graph that understands :class:`ChannelShortcut`."""
+    model.eval()
+    return tp.DependencyGraph().build_dependency(
+        model, example_inputs=example_input, customized_pruners=customized_pruners()
+    )
+
+
+def _output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
+    """Conv/Linear layers that produce the model's output (classifier outputs are never pruned)."""
+    layers = []
+    for module, node in graph.module2node.items():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not _reaches_prunable(node):
+            layers.append(module)
+    return layers
+
+
+def _reaches_prunable(node: object) -> bool:
+    """True when a Conv/Linear lies downstream of ``node`` (so its outputs are not the model's output)."""
+    stack, seen = list(node.outputs), set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current.module, (nn.Conv2d, nn.Linear)):
+            return True
+        stack.extend(current.outputs)
+    return False
+
+
+def _names_to_modules(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    found = []
+    for name in names:
+        if name not in modules:
+            prunable = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            raise InputError(
+                f"--ignore-layer {name!r} is not a layer of the model; conv/linear layers are: "
+                f"{', '.join(prunable[:8])}{' ...' if len(prunable) > 8 else ''}"
+            )
+        found.append(modules[name])
+    return found
+
+
+def discover_groups(
+    model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequence[str] = ()
+) -> list[PruningGroup]:
+    """All prunable groups of ``model``, excluding those that touch an ignored or an output layer."""
+    names = {m: n for n, m in model.named_modules()}
+    ignored = _names_to_modules(model, ignore) + _output_layers(graph)
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+        root = group[0].dep.target.module
+        outs, ins = [], []
+        for dep, _ in group:
+            module = dep.target.module
+            if not isinstance(module, (nn.Conv2d, nn.Linear)) or module not in names:
+                continue
+            target = outs if graph.is_out_channel_pruning_fn(dep.handler) else ins
+            if names[module] not in target:
+                target.append(names[module])
+        channels = graph.get_out_channels(root)
+        if channels and channels > 1:
+            groups.append(PruningGroup(names[root], int(channels), tuple(outs), tuple(ins)))
+    return groups
+
+
+def full_tp_group(model: nn.Module, graph: tp.DependencyGraph, group: PruningGroup) -> tp.dependency.Group:
+    """The torch-pruning group of ``group`` with all channel indices (what importance functions expect)."""
+    root = dict(model.named_modules())[group.root]
+    fn = graph.get_pruner_of_module(root).prune_out_channels
+    return graph.get_pruning_group(root, fn, list(range(group.channels)))
+
+
+def floor_keep(channels: int, *, min_keep: float, round_to: int) -> int:
+    """Fewest channels a group may keep: ``max(1, ceil(min_keep * C))`` rounded up to ``round_to`` (capped at C)."""
+    floor = max(1, math.ceil(min_keep * channels))
+    return min(channels, _round_up(floor, round_to))
+
+
+def _round_up(n: int, k: int) -> int:
+    return n if k <= 1 else int(math.ceil(n / k) * k)
+
+
+def uniform_keep(
+    groups: Sequence[PruningGroup], ratio: float, *, min_keep: float, round_to: int
+) -> dict[str, int]:
+    """Keep ``C * (1 - ratio)`` channels per group, rounded to the nearest multiple of ``round_to``, floored."""
+    keep = {}
+    for g in groups:
+        k = g.channels * (1.0 - ratio)
+        k = int(round(k / round_to) * round_to) if round_to > 1 else int(round(k))
+        keep[g.root] = min(g.channels, max(floor_keep(g.channels, min_keep=min_keep, round_to=round_to), k))
+    return keep
+
+
+def apply_keep(
+    model: nn.Module,
+    graph: tp.DependencyGraph,
+    groups: Sequence[PruningGroup],
+    scores: Mapping[str, torch.Tensor],
+    keep: Mapping[str, int],
+    *,
+    check: Callable[[nn.Module], None] | None = None,
+) -> dict[str, list[int]]:
+    """Remove, in place, the lowest-scored ``C - keep`` channels of every group; return the removed indices.
+
+    ``check`` runs after each group so a group that breaks the model is named (never silently mis-pruned).
+    """
+    modules = dict(model.named_modules())
+    removed: dict[str, list[int]] = {}
+    for g in groups:
+        n_drop = g.channels - int(keep[g.root])
+        if n_drop <= 0:
+            continue
+        order = torch.argsort(scores[g.root].detach().float().cpu(), stable=True)
+        idxs = sorted(int(i) for i in order[:n_drop])
+        root = modules[g.root]
+        try:
+            tp_group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
+            tp_group.prune()
+            if check is not None:
+                check(model)
+        except Exception as exc:  # noqa: BLE001 - any failure here means this group is not safely prunable
+            raise PruningError(
+                f"pruning the group rooted at layer {g.root!r} (also {', '.join(g.out_layers[1:3]) or 'no other layer'})"
+                f" breaks the model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''});"
+                f" exclude it with --ignore-layer {g.root}"
+            ) from exc
+        removed[g.root] = idxs
+    return removed
+
+
+def measure(model: nn.Module, example_input: torch.Tensor, metric: str) -> int:
+    """The value of ``metric`` (filters, params or macs) for ``model``."""
+    if metric == "filters":
+        return count_filters(model)
+    if metric == "params":
+        return count_params(model)
+    return count_macs(model, example_input)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Keep counts per group and the fraction of the metric they remove."""
+
+    keep: dict[str, int]
+    achieved: float
+    ratio: float
+
+
+def _filters_removed(groups: Sequence[PruningGroup], keep: Mapping[str, int], convs: Mapping[str, nn.Module]) -> int:
+    return sum((g.channels - keep[g.root]) * sum(isinstance(convs.get(n), nn.Conv2d) for n in g.out_layers)
+               for g in groups)
+
+
+def allocate_uniform(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    groups: Sequence[PruningGroup],
+    scores: Mapping[str, torch.Tensor],
+    *,
+    target: float,
+    metric: str,
+    min_keep: float,
+    round_to: int,
+) -> Allocation:
+    """Find the per-group removal ratio whose keep counts remove ``target`` of ``metric`` (bisection).
+
+    ``filters`` is counted in closed form; ``params`` and ``macs`` by pruning a copy of the model, since a
+    layer's cost depends on the channels kept on both of its sides.
+    """
+    if metric not in METRICS:
+        raise InputError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
+    modules = dict(model.named_modules())
+    total = measure(model, example_input, metric)
+
+    def achieved(keep: Mapping[str, int]) -> float:
+        if metric == "filters":
+            return _filters_removed(groups, keep, modules) / total
+        pruned = copy.deepcopy(model)
+        apply_keep(pruned, build_graph(pruned, example_input), groups, scores, keep)
+        return 1.0 - measure(pruned, example_input, metric) / total
+
+    floor = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=round_to) for g in groups}
+    reachable = achieved(floor)
+    if target > reachable + TARGET_TOLERANCE:
+        raise PruningError(
+            f"target {target:.2f} of {metric} is not reachable: at most {reachable:.3f} can be removed with "
+            f"min_keep={min_keep} and round_to={round_to} ({len(groups)} prunable groups); lower --target, "
+            f"--min-keep or --round-to"
+        )
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(18):
+        mid = (lo + hi) / 2
+        keep = uniform_keep(groups, mid, min_keep=min_keep, round_to=round_to)
+        value = achieved(keep)
+        if best is None or abs(value - target) < abs(best.achieved - target):
+            best = Allocation(keep, value, mid)
+        if abs(value - target) < 1e-3:
+            break
+        lo, hi = (mid, hi) if value < target else (lo, mid)
+    assert best is not None
+    if abs(best.achieved - target) > TARGET_TOLERANCE:
+        raise PruningError(
+            f"target {target:.2f} of {metric} cannot be met within ±{TARGET_TOLERANCE:.2f}: the closest reachable is "
+            f"{best.achieved:.3f} (channel rounding --round-to {round_to} makes coarse steps; try a smaller value)"
+        )
+    return best

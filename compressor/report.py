@@ -1,0 +1,170 @@
+"""The report: one JSON-friendly dict, rendered as markdown and as a terminal table.
+
+Schema (``report.json``), every number measured in the run that wrote it:
+
+* ``original`` / ``compressed``: ``params``, ``macs``, ``filters``, ``onnx_bytes``, ``accuracy`` (top-1 on the eval
+  data, or null without it); ``compressed`` adds ``accuracy_before_finetune``;
+* ``parity``: ``max_abs_diff``, ``top1_agreement``, ``n_samples``, ``atol`` (compressed model, PyTorch vs onnxruntime);
+* ``latency``: keyed by batch size, each with ``original`` and ``compressed`` (``p50_ms``, ``p90_ms``, ``p99_ms``, ...)
+  and ``speedup`` (original p50 / compressed p50); ``benchmark`` holds providers read back, threads, versions;
+* ``timings``: seconds per stage; ``layers``: channels before/after per conv/linear layer;
+* ``method``: what the method chose (keep counts, achieved ratio, method-specific facts);
+* ``options``, ``versions``, ``conventions``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+from torch import nn
+
+MAC_CONVENTION = (
+    "MACs: one multiply-accumulate per weight per output position, Conv2d and Linear layers only, for one image "
+    "(BatchNorm, activations, pooling and additions are not counted)"
+)
+TARGET_CONVENTION = (
+    "target: fraction removed; filters = output channels summed over all Conv2d layers"
+)
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the libraries that shaped the result."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("compressor", "torch", "torch-pruning", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
+                 "tensorly", "numpy"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
+
+
+def layer_table(before: nn.Module, after: nn.Module) -> list[dict[str, Any]]:
+    """Channels in/out per Conv2d/Linear layer, matched by module name."""
+    after_modules = dict(after.named_modules())
+    rows = []
+    for name, module in before.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        pruned = after_modules.get(name)
+        in_attr, out_attr = ("in_channels", "out_channels") if isinstance(module, nn.Conv2d) else (
+            "in_features", "out_features")
+        rows.append({
+            "name": name,
+            "type": type(module).__name__,
+            "in_before": getattr(module, in_attr),
+            "in_after": getattr(pruned, in_attr, None),
+            "out_before": getattr(module, out_attr),
+            "out_after": getattr(pruned, out_attr, None),
+        })
+    return rows
+
+
+def to_json(report: Mapping[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=False, default=str) + "\n"
+
+
+def _fmt_int(n: Any) -> str:
+    return "n/a" if n is None else f"{int(n):,}"
+
+
+def _fmt_acc(a: Any) -> str:
+    return "n/a" if a is None else f"{100 * float(a):.2f}%"
+
+
+def _ratio(before: Any, after: Any) -> str:
+    if not before or after is None:
+        return ""
+    return f"-{100 * (1 - after / before):.1f}%"
+
+
+def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, original, compressed, change) rows shared by the markdown and terminal renderings."""
+    o, c = report["original"], report["compressed"]
+    rows = [
+        ("params", _fmt_int(o["params"]), _fmt_int(c["params"]), _ratio(o["params"], c["params"])),
+        ("MACs", _fmt_int(o["macs"]), _fmt_int(c["macs"]), _ratio(o["macs"], c["macs"])),
+        ("filters", _fmt_int(o["filters"]), _fmt_int(c["filters"]), _ratio(o["filters"], c["filters"])),
+        ("ONNX bytes", _fmt_int(o["onnx_bytes"]), _fmt_int(c["onnx_bytes"]), _ratio(o["onnx_bytes"], c["onnx_bytes"])),
+    ]
+    acc_change = ""
+    if o["accuracy"] is not None and c["accuracy"] is not None:
+        acc_change = f"{100 * (c['accuracy'] - o['accuracy']):+.2f} pts"
+    if c.get("accuracy_before_finetune") is not None and report.get("finetune", {}).get("epochs"):
+        rows.append(("top-1 (pruned, before fine-tune)", _fmt_acc(o["accuracy"]),
+                     _fmt_acc(c["accuracy_before_finetune"]), ""))
+    rows.append(("top-1", _fmt_acc(o["accuracy"]), _fmt_acc(c["accuracy"]), acc_change))
+    for batch, lat in report.get("latency", {}).items():
+        rows.append((f"ORT p50 ms (batch {batch})", f"{lat['original']['p50_ms']:.3f}",
+                     f"{lat['compressed']['p50_ms']:.3f}", f"{lat['speedup']:.2f}x faster"))
+    return rows
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+    """Human-readable report.md: summary, parity, latency details, per-layer channels, options, versions."""
+    method = report["method"]
+    lines = [
+        f"# compressor report: `{method['name']}` on `{report['model']['arch']}`",
+        "",
+        f"Model `{report['model']['path']}`; target {method['target']} of {method['target_metric']} removed, "
+        f"achieved {method['achieved']:.4f}.",
+        "",
+        "| metric | original | compressed | change |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
+    parity = report["parity"]
+    lines += ["", "## Verification", "",
+              f"onnxruntime vs PyTorch on {parity['n_samples']} eval images: max abs diff "
+              f"{parity['max_abs_diff']:.3g} (atol {parity['atol']:g}), top-1 agreement "
+              f"{100 * parity['top1_agreement']:.2f}%."]
+    bench = report.get("benchmark", {})
+    if report.get("latency"):
+        lines += ["", "## Latency (onnxruntime, interleaved in one run)", "",
+                  f"Providers: {bench.get('providers')}; threads: {bench.get('threads')}; "
+                  f"onnxruntime {bench.get('onnxruntime_version')}.", "",
+                  "| batch | model | p50 ms | p90 ms | p99 ms |", "| ---: | --- | ---: | ---: | ---: |"]
+        for batch, lat in report["latency"].items():
+            for which in ("original", "compressed"):
+                s = lat[which]
+                lines.append(f"| {batch} | {which} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
+    lines += ["", "## Layers", "", "| layer | in before | in after | out before | out after |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['name']} | {r['in_before']} | {r['in_after']} | {r['out_before']} | {r['out_after']} |"
+              for r in report["layers"]]
+    lines += ["", "## Timings (s)", "", "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {stage} | {sec:.2f} |" for stage, sec in report["timings"].items()]
+    lines += ["", "## Conventions", ""] + [f"- {v}" for v in report["conventions"].values()]
+    lines += ["", "## Options", "", "```json", json.dumps(report["options"], indent=2, default=str), "```",
+              "", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v), ""]
+    return "\n".join(lines)
+
+
+def print_table(report: Mapping[str, Any]) -> None:
+    """The summary table on the terminal (stdout), via rich (shipped with typer)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    method = report["method"]
+    table = Table(title=f"{method['name']} on {report['model']['arch']}: {method['achieved']:.1%} of "
+                        f"{method['target_metric']} removed")
+    for col, justify in (("metric", "left"), ("original", "right"), ("compressed", "right"), ("change", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in summary_rows(report):
+        table.add_row(*row)
+    parity = report["parity"]
+    console = Console()
+    console.print(table)
+    console.print(f"parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
+                  f"{100 * parity['top1_agreement']:.1f}% on {parity['n_samples']} images")

@@ -1,0 +1,28 @@
+"""Shared fixtures: paths to ../shared (tests that need it skip with a message naming the file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLES = REPO / "samples"
+
+
+def shared_file(relative: str) -> Path:
+    """Path of a file under ../shared, or skip the test naming the missing file."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"needs {path} (the ../shared checkout beside the repo); not found")
+    return path
+
+
+def akamaster(depth: int) -> Path:
+    """Path of the trained CIFAR-10 ResNet-<depth> checkpoint in ../shared."""
+    folder = SHARED / "models" / "cifar10-resnet"
+    found = sorted(folder.glob(f"resnet{depth}-*.th")) if folder.exists() else []
+    if not found:
+        pytest.skip(f"needs {folder}/resnet{depth}-*.th (the ../shared checkout); not found")
+    return found[0]
