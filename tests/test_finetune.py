@@ -1,0 +1,199 @@
+"""Tests for compressor.finetune: learning, determinism, the LR schedule, distillation, modes and interrupts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.data import ImageDataset, make_loader
+from compressor.errors import DataError, InputError
+from compressor.finetune import FinetuneResult, cosine_lr, distillation_loss, evaluate, finetune
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run far faster on one thread, especially on a shared machine; restore the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _blobs(n: int = 256, seed: int = 0) -> ImageDataset:
+    """Four classes told apart by which quadrant of a 1x8x8 image is bright (plus noise): easy to learn."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    x = torch.rand((n, 1, 8, 8), generator=gen) * 0.5
+    for k in range(4):
+        r, c = divmod(k, 2)
+        x[y == k, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 0.5
+    return ImageDataset(x, y)
+
+
+def _net(seed: int = 0, width: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 4))
+
+
+def _loader(ds: ImageDataset, seed: int = 0, shuffle: bool = True):
+    return make_loader(ds, batch_size=32, normalize=None, shuffle=shuffle, seed=seed)
+
+
+def test_loss_decreases_and_accuracy_improves() -> None:
+    train, test = _blobs(256, seed=0), _blobs(128, seed=1)
+    model = _net()
+    before = evaluate(model, _loader(test, shuffle=False))
+    lines: list[str] = []
+    result = finetune(model, _loader(train), epochs=4, lr=0.05, eval_loader=_loader(test, shuffle=False),
+                      log=lines.append)
+    hist = result.history
+    assert isinstance(result, FinetuneResult) and result.epochs == 4 and len(hist) == 4
+    assert hist[-1]["loss"] < 0.6 * hist[0]["loss"]
+    assert hist[-1]["train_acc"] > hist[0]["train_acc"] and hist[-1]["eval_acc"] > max(0.9, before + 0.3)
+    assert hist[-1]["eval_acc"] == pytest.approx(evaluate(model, _loader(test, shuffle=False)))
+    assert hist[0]["lr"] > hist[-1]["lr"] > 0 and result.device == "cpu" and result.amp is False
+    assert set(hist[0]) == {"epoch", "loss", "train_acc", "eval_acc", "lr", "seconds"}
+    assert len(lines) == 4 and lines[0].startswith("epoch 1/4") and "eval" in lines[0]
+
+
+def test_adamw_and_progress_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    result = finetune(_net(), _loader(_blobs(64)), epochs=2, lr=0.01, optimizer="adamw")
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and "loss" in err and "lr" in err
+    assert result.history[1]["loss"] < result.history[0]["loss"] and result.history[0]["eval_acc"] is None
+    finetune(_net(), _loader(_blobs(64)), epochs=1, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_same_seed_gives_identical_weights() -> None:
+    def run(seed: int) -> dict[str, torch.Tensor]:
+        model = nn.Sequential(_net(), nn.Dropout(0.3))  # dropout draws from the seeded global RNG
+        finetune(model, make_loader(_blobs(96), batch_size=32, normalize=None, shuffle=True, augment=True, seed=7),
+                 epochs=2, seed=seed, progress=False)
+        return model.state_dict()
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_cosine_lr_endpoints_warmup_and_monotonic_decay() -> None:
+    assert cosine_lr(0, 100, 0.1, 0) == pytest.approx(0.1)
+    assert cosine_lr(50, 100, 0.1, 0) == pytest.approx(0.05)
+    assert cosine_lr(100, 100, 0.1, 0) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_lr(500, 100, 0.1, 0) == 0.0
+    values = [cosine_lr(s, 100, 0.1, 0) for s in range(101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    warm = [cosine_lr(s, 100, 0.1, 10) for s in range(10)]
+    assert warm[0] == pytest.approx(0.01) and all(a < b for a, b in zip(warm, warm[1:]))
+    assert cosine_lr(10, 100, 0.1, 10) == pytest.approx(0.1) and cosine_lr(100, 100, 0.1, 10) == pytest.approx(0.0)
+
+
+def test_distillation_loss_formula() -> None:
+    s, t, y = torch.randn(5, 4), torch.randn(5, 4), torch.randint(0, 4, (5,))
+    T = 3.0
+    kl = (F.softmax(t / T, 1) * (F.log_softmax(t / T, 1) - F.log_softmax(s / T, 1))).sum(1).mean()
+    expected = 0.25 * T * T * kl + 0.75 * F.cross_entropy(s, y)
+    assert distillation_loss(s, t, y, temperature=T, alpha=0.25) == pytest.approx(float(expected), rel=1e-5)
+    assert float(distillation_loss(t, t, y, temperature=T, alpha=1.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_pulls_student_toward_teacher() -> None:
+    data = _blobs(128)
+    teacher = _net(seed=1, width=6)
+    with torch.no_grad():
+        teacher[-1].weight.mul_(20.0)  # confident, arbitrary outputs: far from any fresh student
+    teacher.train()  # finetune must put it in eval mode itself, and give the train mode back
+    x = data.x
+
+    def kl_to_teacher(student: nn.Module) -> float:
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(student.eval()(x), 1), F.log_softmax(teacher.eval()(x), 1),
+                                  reduction="batchmean", log_target=True))
+
+    student = _net(seed=2)
+    before = kl_to_teacher(student)
+    teacher.train()
+    result = finetune(student, _loader(data), epochs=4, lr=0.05, teacher=teacher, distill_alpha=1.0,
+                      distill_temperature=2.0, progress=False)
+    assert teacher.training and all(p.grad is None for p in teacher.parameters())
+    assert before > 0.5 and kl_to_teacher(student) < 0.5 * before
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_epochs_zero_is_a_noop() -> None:
+    model = _net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = finetune(model, _loader(_blobs(32)), epochs=0)
+    assert result.epochs == 0 and result.history == [] and result.seconds == 0.0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_evaluate_restores_modes_and_counts_correctly() -> None:
+    model = _net()
+    model.train()
+    model[1].eval()  # a mixed state (frozen BatchNorm) must come back exactly
+    ds = _blobs(40)
+    acc = evaluate(model, _loader(ds, shuffle=False), device="cpu")
+    with torch.no_grad():
+        expected = (model.eval()(ds.x).argmax(1) == ds.y).float().mean().item()
+    assert acc == pytest.approx(expected)
+    model.train()
+    model[1].eval()
+    evaluate(model, _loader(ds, shuffle=False))
+    assert model.training and model[0].training and not model[1].training
+    with pytest.raises(DataError, match="no batches"):
+        evaluate(model, [])
+
+
+def test_finetune_restores_modes_and_keyboard_interrupt_propagates() -> None:
+    model = _net().eval()
+    batches = list(_loader(_blobs(64)))
+
+    class Interrupting:
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __iter__(self):
+            yield batches[0]
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, Interrupting(), epochs=2, progress=False)
+    assert not model.training and not any(m.training for m in model.modules())
+    finetune(model, batches, epochs=1, progress=False)
+    assert not model.training
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": -1}, "epochs"),
+    ({"epochs": 1, "lr": 0.0}, "learning rate"),
+    ({"epochs": 1, "lr": math.nan}, "learning rate"),
+    ({"epochs": 1, "optimizer": "adam"}, "unknown optimizer 'adam'"),
+    ({"epochs": 1, "distill_alpha": 1.5}, "alpha"),
+])
+def test_finetune_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        finetune(_net(), _loader(_blobs(8)), **kwargs)
+
+
+def test_finetune_rejects_empty_loader_and_reports_divergence() -> None:
+    empty = make_loader(_blobs(8), batch_size=16, normalize=None, drop_last=True)
+    with pytest.raises(DataError, match="no batches"):
+        finetune(_net(), empty, epochs=1)
+    with pytest.raises(ValueError, match="diverged.*lower the learning rate"):
+        finetune(_net(), _loader(_blobs(64)), epochs=1, lr=1e30, progress=False)
+
+
+@pytest.mark.gpu
+def test_finetune_on_cuda_with_amp() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA; none available")
+    result = finetune(_net(), _loader(_blobs(256)), epochs=3, lr=0.05, device="cuda", progress=False)
+    assert result.amp is True and result.device.startswith("cuda")
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
