@@ -84,7 +84,7 @@ def test_weights_without_arch_ask_for_arch(tmp_path: Path, resnet20_state: dict)
         load_model(path, arch="resnet21")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04broken zip"])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"this is not a checkpoint", b"PK\x03\x04broken zip"])
 def test_garbage_is_not_a_checkpoint(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "junk.pt"
     path.write_bytes(content)

@@ -1,0 +1,98 @@
+"""End to end: compress -> validate -> export -> parity -> benchmark -> report, on the sample and on ResNet-56."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compressor import compress, list_methods, load_compressed
+from compressor.models import create_model
+
+from .conftest import SAMPLES, akamaster, shared_file
+
+REPORT_KEYS = {"params", "macs", "filters", "onnx_bytes", "accuracy"}
+LATENCY_KEYS = {"p50_ms", "p90_ms", "p99_ms"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8), y=np.arange(40) % 10)
+    return path
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_gives_a_smaller_valid_model(method: str, tiny_data: Path) -> None:
+    """The conformance test every registered method must pass (shape, finite, smaller, deterministic, parity)."""
+    torch.manual_seed(0)
+    model = create_model("samplenet").eval()
+    runs = [compress(model, data=tiny_data, method=method, target=0.4, bench_batches=(), seed=3) for _ in range(2)]
+    result = runs[0]
+    x = torch.randn(3, 3, 32, 32)
+    out = result.model(x)
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    assert result.report["compressed"]["params"] < result.report["original"]["params"]
+    assert abs(result.report["method"]["achieved"] - 0.4) <= 0.02
+    assert result.report["parity"]["max_abs_diff"] <= 1e-4 and result.report["parity"]["top1_agreement"] == 1.0
+    assert [g["keep"] for g in result.report["method"]["groups"]] == [g["keep"] for g in runs[1].report["method"]["groups"]]
+    torch.testing.assert_close(runs[1].model(x), out)
+
+
+def _sample_model() -> Path:
+    path = SAMPLES / "samplenet.pt"
+    if not path.exists():
+        pytest.fail(f"{path} is part of the repository and must exist (regenerate with samples/make_sample.py)")
+    return path
+
+
+def test_sample_pipeline_writes_every_output(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = compress(_sample_model(), data=SAMPLES / "shapes_train.npz", eval_data=SAMPLES / "shapes_test.npz",
+                      normalize="0.5,0.5,0.5/0.5,0.5,0.5", method="l1", target=0.33, epochs=1, batch_size=64,
+                      bench_batches=(1, 4), bench_repeats=5, out=out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["original.onnx", "compressed.onnx", "compressed.pt", "report.json", "report.md"])
+    report = json.loads((out / "report.json").read_text())
+    for which in ("original", "compressed"):
+        assert REPORT_KEYS <= set(report[which]), report[which]
+    o, c = report["original"], report["compressed"]
+    assert c["params"] < o["params"] and c["macs"] < o["macs"] and c["onnx_bytes"] < o["onnx_bytes"]
+    assert o["onnx_bytes"] == (out / "original.onnx").stat().st_size
+    assert 0.8 <= o["accuracy"] <= 1.0 and 0 <= c["accuracy"] <= 1
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["top1_agreement"] == 1.0
+    assert set(report["latency"]) == {"1", "4"}
+    for lat in report["latency"].values():
+        assert LATENCY_KEYS <= set(lat["original"]) and LATENCY_KEYS <= set(lat["compressed"]) and lat["speedup"] > 0
+    assert "CPUExecutionProvider" in json.dumps(report["benchmark"]["providers"])
+    assert {"load", "prune", "finetune", "export", "parity", "benchmark"} <= set(report["timings"])
+    assert any(r["out_after"] < r["out_before"] for r in report["layers"])
+    assert report["versions"]["torch"] and report["versions"]["torch-pruning"] and report["versions"]["onnx"]
+    assert "MACs" in report["conventions"]["macs"] and report["options"]["target"] == 0.33
+    assert len(report["finetune"]["history"]) == 1
+    markdown = (out / "report.md").read_text()
+    assert "| params |" in markdown and "max abs diff" in markdown
+    rebuilt = load_compressed(out / "compressed.pt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(x), result.model(x))
+
+
+@pytest.mark.slow
+def test_resnet56_l1_third_of_filters() -> None:
+    """Issue 2's acceptance run: ResNet-56, l1, --target 0.33, --epochs 0."""
+    test = shared_file("data/cifar10/test1000.npz")
+    result = compress(akamaster(56), arch="resnet56", eval_data=test, normalize="imagenet", method="l1",
+                      target=0.33, bench_batches=(1,), bench_repeats=10)
+    r = result.report
+    assert r["original"]["accuracy"] == pytest.approx(0.926, abs=0.0015)
+    assert abs(1 - r["compressed"]["filters"] / r["original"]["filters"] - 0.33) <= 0.02
+    assert r["compressed"]["macs"] < r["original"]["macs"]
+    assert r["compressed"]["onnx_bytes"] < r["original"]["onnx_bytes"]
+    assert r["parity"]["max_abs_diff"] <= 1e-4 and r["parity"]["top1_agreement"] == 1.0
+    assert r["latency"]["1"]["original"]["p50_ms"] > 0 and r["latency"]["1"]["compressed"]["p50_ms"] > 0
+    stream = [g for g in r["method"]["groups"] if len(g["layers"]) > 1]
+    assert len(stream) == 3 and all(g["keep"] < g["channels"] for g in stream), "residual streams must be pruned"
