@@ -205,6 +205,18 @@ def asdict_stats(stats: Any) -> dict[str, float]:
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(stats).items()}
 
 
+def _check_runtime() -> None:
+    """onnxruntime must be importable, and only one of onnxruntime / onnxruntime-gpu installed (they clash)."""
+    import exporters
+    from exporters.errors import RuntimeConflictError, RuntimeMissingError
+
+    info = exporters.runtime_info()
+    if info["conflict"]:
+        raise RuntimeConflictError(tuple(info["packages"]))
+    if info["onnxruntime_version"] is None:
+        raise RuntimeMissingError()
+
+
 def default_out_dir(model_path: Path, method: str, target: float) -> Path:
     """A new folder beside the model: ``<stem>-<method>-<target>``, suffixed ``-2``, ``-3``... when taken."""
     base = model_path.parent / f"{model_path.stem}-{method}-{target:g}"
@@ -289,6 +301,7 @@ def compress(
         raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
     cfg = replace(config or CompressConfig(), **options).validate()
     get_scorer(cfg.method)  # unknown method: fail before any work
+    _check_runtime()
     normalization = data_mod.parse_normalize(normalize)
     watch = _Stopwatch()
     out_dir = Path(out) if out is not None else None

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import pickle
 import sys
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,11 +276,12 @@ def load_compressed(path: str | os.PathLike[str], *, base: nn.Module | None = No
 
 # ----------------------------------------------------------------------------------------------------- atomic I/O
 def atomic_save(write: Callable[[Path], None], path: Path) -> Path:
-    """Run ``write(tmp)`` on a temp file beside ``path``, then rename it into place; no partial file on failure."""
+    """Run ``write(tmp)`` on a temp file beside ``path``, then rename it into place; no partial file on failure.
+
+    The temp name is chosen here rather than by ``mkstemp`` so the final file gets the usual umask permissions.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)

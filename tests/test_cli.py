@@ -181,3 +181,15 @@ def test_default_out_is_a_new_folder_beside_the_model(model_file: Path, data_fil
     assert again.exit_code == 0, again.output
     assert (model_file.parent / "net-l1-0.33-2" / "report.json").exists(), "a second run must not overwrite the first"
     assert os.listdir(model_file.parent).count("net.pt") == 1
+
+
+def test_both_onnxruntime_packages_installed_is_reported(monkeypatch: pytest.MonkeyPatch, model_file: Path,
+                                                          tmp_path: Path) -> None:
+    import exporters
+
+    info = {"onnxruntime_version": "1.20", "available_providers": ["CPUExecutionProvider"], "conflict": True,
+            "packages": {"onnxruntime": "1.20", "onnxruntime-gpu": "1.20"}}
+    monkeypatch.setattr(exporters, "runtime_info", lambda: info)
+    result = invoke(model_file, "--out", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    assert "onnxruntime-gpu" in result.stderr and "uninstall" in result.stderr.lower()
