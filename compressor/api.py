@@ -118,7 +118,9 @@ def _prune(model: nn.Module, example: torch.Tensor, calib: Any, num_classes: int
     ctx = ScoringContext(model=model, graph=graph, groups=groups, example_input=example, target=cfg.target,
                          metric=cfg.target_metric, device=device, seed=cfg.seed, calib=calib,
                          num_classes=num_classes, options=dict(cfg.method_options))
+    start = time.perf_counter()
     scored = get_scorer(cfg.method)(**cfg.method_options).score(ctx)
+    scoring_seconds = time.perf_counter() - start
     if scored.keep is not None:
         keep = scored.keep
         achieved = None
@@ -141,6 +143,7 @@ def _prune(model: nn.Module, example: torch.Tensor, calib: Any, num_classes: int
         total = engine.measure(model, example, cfg.target_metric)
         achieved = 1.0 - engine.measure(pruned, example, cfg.target_metric) / total
     info = {"name": cfg.method, "target": cfg.target, "target_metric": cfg.target_metric, "achieved": achieved,
+            "scoring_seconds": round(scoring_seconds, 4),
             "groups": [{"root": g.root, "channels": g.channels, "keep": int(keep[g.root]),
                         "layers": list(g.out_layers)} for g in groups],
             "history": [list(step) for step in pruned_graph.pruning_history()], **scored.info}

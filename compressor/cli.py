@@ -25,6 +25,13 @@ MODEL, DATA, METHOD, TUNE, BENCH, OUT = "Model", "Data", "Method and target", "F
     "Output"
 
 
+def _methods_help() -> str:
+    """One line per registered method, from the registry so --help stays true as methods are added."""
+    from .pruning.scorers import get_scorer, list_scorers
+
+    return "; ".join(f"{name} ({get_scorer(name).description})" for name in list_scorers())
+
+
 def _batches(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none", "0"):
         return ()
@@ -61,7 +68,7 @@ def main_command(
         "--augment/--no-augment", help="Crop+flip during fine-tuning (default: on for 32x32 images).",
         rich_help_panel=DATA, show_default=False)] = None,
     method: Annotated[str, typer.Option(
-        help="Compression method: l1 (filter L1 norm) or random. E.g. --method l1", rich_help_panel=METHOD)] = "l1",
+        help=f"Compression method: {_methods_help()}. E.g. --method l1", rich_help_panel=METHOD)] = "l1",
     target: Annotated[float, typer.Option(
         help="Fraction of --target-metric to remove, in (0, 1). E.g. --target 0.33", rich_help_panel=METHOD)] = 0.33,
     target_metric: Annotated[str, typer.Option(
