@@ -1,0 +1,1 @@
+"""Information-theoretic channel scoring: matrix-based Rényi α-entropy estimators (:mod:`.mutual_info`)."""
