@@ -195,6 +195,29 @@ def measure(model: nn.Module, example_input: torch.Tensor, metric: str) -> int:
     return count_macs(model, example_input)
 
 
+def removed_fraction(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    groups: Sequence[PruningGroup],
+    scores: Mapping[str, torch.Tensor],
+    keep: Mapping[str, int],
+    *,
+    metric: str,
+    total: int | None = None,
+) -> float:
+    """Fraction of ``metric`` that keeping ``keep[g]`` channels per group removes (``model`` is not modified).
+
+    ``filters`` is counted in closed form; ``params`` and ``macs`` by pruning a copy, since a layer's cost depends
+    on the channels kept on both of its sides.
+    """
+    total = total if total is not None else measure(model, example_input, metric)
+    if metric == "filters":
+        return _filters_removed(groups, keep, dict(model.named_modules())) / total
+    pruned = copy.deepcopy(model)
+    apply_keep(pruned, build_graph(pruned, example_input), groups, scores, keep)
+    return 1.0 - measure(pruned, example_input, metric) / total
+
+
 @dataclass(frozen=True)
 class Allocation:
     """Keep counts per group and the fraction of the metric they remove."""
@@ -220,22 +243,13 @@ def allocate_uniform(
     min_keep: float,
     round_to: int,
 ) -> Allocation:
-    """Find the per-group removal ratio whose keep counts remove ``target`` of ``metric`` (bisection).
-
-    ``filters`` is counted in closed form; ``params`` and ``macs`` by pruning a copy of the model, since a
-    layer's cost depends on the channels kept on both of its sides.
-    """
+    """Find the per-group removal ratio whose keep counts remove ``target`` of ``metric`` (bisection)."""
     if metric not in METRICS:
         raise InputError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
-    modules = dict(model.named_modules())
     total = measure(model, example_input, metric)
 
     def achieved(keep: Mapping[str, int]) -> float:
-        if metric == "filters":
-            return _filters_removed(groups, keep, modules) / total
-        pruned = copy.deepcopy(model)
-        apply_keep(pruned, build_graph(pruned, example_input), groups, scores, keep)
-        return 1.0 - measure(pruned, example_input, metric) / total
+        return removed_fraction(model, example_input, groups, scores, keep, metric=metric, total=total)
 
     floor = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=round_to) for g in groups}
     reachable = achieved(floor)
