@@ -14,6 +14,7 @@ Target convention: ``target`` is the fraction *removed*, of one metric:
 from __future__ import annotations
 
 import copy
+import heapq
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -224,12 +225,33 @@ class Allocation:
 
     keep: dict[str, int]
     achieved: float
-    ratio: float
+    ratio: float  # fraction of the removal schedule taken
 
 
 def _filters_removed(groups: Sequence[PruningGroup], keep: Mapping[str, int], convs: Mapping[str, nn.Module]) -> int:
     return sum((g.channels - keep[g.root]) * sum(isinstance(convs.get(n), nn.Conv2d) for n in g.out_layers)
                for g in groups)
+
+
+def removal_schedule(groups: Sequence[PruningGroup], *, min_keep: float, round_to: int) -> list[tuple[str, int]]:
+    """Order in which blocks of ``round_to`` channels are removed so that groups shrink at the same relative pace.
+
+    Each step takes one block from the group that keeps the largest fraction of its channels (ties: the wider
+    group, then graph order), never going below the group's floor. Keep counts stay multiples of ``round_to``
+    (after the first step of a group whose width is not one). Returns ``(group root, keep after the step)``.
+    """
+    heap = [(-1.0, -g.channels, i, g.root, g.channels) for i, g in enumerate(groups)]
+    heapq.heapify(heap)
+    floors = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=round_to) for g in groups}
+    steps = []
+    while heap:
+        _, neg_c, i, root, keep = heapq.heappop(heap)
+        new = (keep - 1) // round_to * round_to if round_to > 1 else keep - 1
+        if new < floors[root] or new <= 0:
+            continue
+        steps.append((root, new))
+        heapq.heappush(heap, (-new / -neg_c, neg_c, i, root, new))
+    return steps
 
 
 def allocate_uniform(
@@ -243,36 +265,44 @@ def allocate_uniform(
     min_keep: float,
     round_to: int,
 ) -> Allocation:
-    """Find the per-group removal ratio whose keep counts remove ``target`` of ``metric`` (bisection)."""
+    """Keep counts, shrinking all groups at the same relative pace, that remove ``target`` of ``metric``.
+
+    Walks :func:`removal_schedule` and bisects on the number of steps taken (the removed fraction grows with it),
+    then keeps whichever of the two bracketing prefixes lands closer to the target.
+    """
     if metric not in METRICS:
         raise InputError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
     total = measure(model, example_input, metric)
+    steps = removal_schedule(groups, min_keep=min_keep, round_to=round_to)
 
-    def achieved(keep: Mapping[str, int]) -> float:
-        return removed_fraction(model, example_input, groups, scores, keep, metric=metric, total=total)
+    def keep_after(n: int) -> dict[str, int]:
+        keep = {g.root: g.channels for g in groups}
+        keep.update(dict(steps[:n]))  # later steps of a group overwrite earlier ones
+        return keep
 
-    floor = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=round_to) for g in groups}
-    reachable = achieved(floor)
+    def achieved(n: int) -> float:
+        return removed_fraction(model, example_input, groups, scores, keep_after(n), metric=metric, total=total)
+
+    reachable = achieved(len(steps))
     if target > reachable + TARGET_TOLERANCE:
         raise PruningError(
             f"target {target:.2f} of {metric} is not reachable: at most {reachable:.3f} can be removed with "
             f"min_keep={min_keep} and round_to={round_to} ({len(groups)} prunable groups); lower --target, "
             f"--min-keep or --round-to"
         )
-    lo, hi, best = 0.0, 1.0, None
-    for _ in range(18):
-        mid = (lo + hi) / 2
-        keep = uniform_keep(groups, mid, min_keep=min_keep, round_to=round_to)
-        value = achieved(keep)
-        if best is None or abs(value - target) < abs(best.achieved - target):
-            best = Allocation(keep, value, mid)
-        if abs(value - target) < 1e-3:
-            break
-        lo, hi = (mid, hi) if value < target else (lo, mid)
-    assert best is not None
-    if abs(best.achieved - target) > TARGET_TOLERANCE:
+    lo, hi = 0, len(steps)  # invariant: achieved(hi) >= target or hi == len(steps)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if achieved(mid) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    candidates = [(abs(achieved(n) - target), n) for n in {max(lo - 1, 0), lo}]
+    _, best_n = min(candidates)
+    value = achieved(best_n)
+    if abs(value - target) > TARGET_TOLERANCE:
         raise PruningError(
             f"target {target:.2f} of {metric} cannot be met within ±{TARGET_TOLERANCE:.2f}: the closest reachable is "
-            f"{best.achieved:.3f} (channel rounding --round-to {round_to} makes coarse steps; try a smaller value)"
+            f"{value:.3f} (channel rounding --round-to {round_to} makes coarse steps; try a smaller value)"
         )
-    return best
+    return Allocation(keep_after(best_n), value, best_n / max(len(steps), 1))

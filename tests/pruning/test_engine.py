@@ -186,3 +186,18 @@ def test_group_that_breaks_the_model_is_named() -> None:
 
     with pytest.raises(PruningError, match="--ignore-layer"):
         engine.apply_keep(model, graph, groups, scores, keep, check=check)
+
+
+@pytest.mark.parametrize("round_to", [4, 8, 16])
+def test_aligned_channels_still_meet_the_target(round_to: int) -> None:
+    """Alignment makes coarse steps; shrinking groups one block at a time still lands within the tolerance."""
+    model = _model("resnet56")
+    graph = engine.build_graph(model, X[:1])
+    groups = engine.discover_groups(model, graph)
+    scores = {g.root: torch.rand(g.channels) for g in groups}
+    alloc = engine.allocate_uniform(model, X[:1], groups, scores, target=0.33, metric="filters", min_keep=0.1,
+                                    round_to=round_to)
+    assert abs(alloc.achieved - 0.33) <= engine.TARGET_TOLERANCE
+    assert all(k % round_to == 0 for k in alloc.keep.values())
+    fractions = [alloc.keep[g.root] / g.channels for g in groups]
+    assert max(fractions) - min(fractions) <= round_to / 16 + 1e-9, "groups shrink at the same relative pace"
