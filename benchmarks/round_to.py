@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from compressor import compress
+from compressor.errors import CompressorError
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "shared/models/cifar10-resnet/resnet56-4bfd9763.th"
 
@@ -36,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for k in (int(v) for v in args.round_to.split(",")):
-        result = compress(args.model, arch=args.arch, method="l1", target=args.target, round_to=k, epochs=0,
-                          bench_batches=(1, 32), bench_repeats=args.repeats, threads=args.threads)
+        try:
+            result = compress(args.model, arch=args.arch, method="l1", target=args.target, round_to=k, epochs=0,
+                              bench_batches=(1, 32), bench_repeats=args.repeats, threads=args.threads)
+        except CompressorError as exc:
+            rows.append({"round_to": k, "error": str(exc)})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         r = result.report
         row = {"round_to": k, "achieved": r["method"]["achieved"],
                "macs_ratio": r["compressed"]["macs"] / r["original"]["macs"],

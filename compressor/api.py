@@ -5,7 +5,6 @@ The CLI (:mod:`compressor.cli`) only maps flags onto this call.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -29,7 +28,7 @@ from .finetune import evaluate, finetune
 from .io import LoadedModel, atomic_save, check_writable_dir, compressed_payload, load_model
 from .metrics import count_filters, count_macs, count_params
 from .pruning import engine
-from .pruning.scorers import ScoringContext, get_scorer, list_scorers
+from .transforms import TransformContext, default_metric, list_methods, plan, requires_data
 
 log = logging.getLogger("compressor")
 OUTPUT_FILES = ("original.onnx", "compressed.onnx", "compressed.pt", "report.json", "report.md")
@@ -44,11 +43,6 @@ class CompressionResult:
     report: dict[str, Any]
     out_dir: Path | None
     files: dict[str, Path] = field(default_factory=dict)
-
-
-def list_methods() -> list[str]:
-    """Names accepted by ``method``."""
-    return list_scorers()
 
 
 class _Stopwatch:
@@ -100,54 +94,30 @@ def _prepare(loaded: LoadedModel, train: Any, test: Any, cfg: CompressConfig) ->
     for ds, flag in ((train_ds, "--data"), (test_ds, "--eval-data")):
         if ds is not None:
             data_mod.check_dataset(ds, input_shape=tuple(shape), num_classes=num_classes, name=flag)
-    method = get_scorer(cfg.method)
-    if method.requires_data and train_ds is None:
+    if requires_data(plan(cfg.method)) and train_ds is None:
         raise InputError(f"--method {cfg.method} needs calibration data; pass --data")
     if cfg.epochs > 0 and train_ds is None:
         raise InputError(f"--epochs {cfg.epochs} needs training data; pass --data (or use --epochs 0)")
     return train_ds, test_ds, example, num_classes
 
 
-def _prune(model: nn.Module, example: torch.Tensor, calib: Any, num_classes: int, cfg: CompressConfig,
-           device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Score, allocate and physically remove channels on a copy of ``model``; validate the result."""
-    graph = engine.build_graph(model, example)
-    groups = engine.discover_groups(model, graph, ignore=cfg.ignore_layers)
-    if not groups:
-        raise InputError("the model has no prunable channel groups (no Conv2d/Linear whose outputs feed another layer)")
-    ctx = ScoringContext(model=model, graph=graph, groups=groups, example_input=example, target=cfg.target,
-                         metric=cfg.target_metric, device=device, seed=cfg.seed, calib=calib,
-                         num_classes=num_classes, options=dict(cfg.method_options))
-    start = time.perf_counter()
-    scored = get_scorer(cfg.method)(**cfg.method_options).score(ctx)
-    scoring_seconds = time.perf_counter() - start
-    if scored.keep is not None:
-        keep = scored.keep
-        achieved = None
-    else:
-        allocation = engine.allocate_uniform(model, example, groups, scored.scores, target=cfg.target,
-                                             metric=cfg.target_metric, min_keep=cfg.min_keep, round_to=cfg.round_to)
-        keep, achieved = allocation.keep, allocation.achieved
-    pruned = copy.deepcopy(model)
-    pruned_graph = engine.build_graph(pruned, example)
-    reference = model(example).shape
-
-    def check(m: nn.Module) -> None:
-        out = m(example)
-        if out.shape != reference or not torch.isfinite(out).all():
-            raise ValueError(f"output shape {tuple(out.shape)} (expected {tuple(reference)}) or non-finite values")
-
-    with torch.no_grad():
-        engine.apply_keep(pruned, pruned_graph, groups, scored.scores, keep, check=check)
-    if achieved is None:
-        total = engine.measure(model, example, cfg.target_metric)
-        achieved = 1.0 - engine.measure(pruned, example, cfg.target_metric) / total
-    info = {"name": cfg.method, "target": cfg.target, "target_metric": cfg.target_metric, "achieved": achieved,
-            "scoring_seconds": round(scoring_seconds, 4),
-            "groups": [{"root": g.root, "channels": g.channels, "keep": int(keep[g.root]),
-                        "layers": list(g.out_layers)} for g in groups],
-            "history": [list(step) for step in pruned_graph.pruning_history()], **scored.info}
-    return pruned.eval(), info
+def _apply_method(original: nn.Module, example: torch.Tensor, calib: Any, num_classes: int, cfg: CompressConfig,
+                  device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Run the method's transforms in order (each on a copy); report what each chose and the overall ratio."""
+    steps = plan(cfg.method)
+    metric = cfg.target_metric or default_metric(steps)
+    ctx = TransformContext(example=example, num_classes=num_classes, cfg=cfg, device=device, original=original,
+                           calib=calib, metric=metric)
+    model, records, info = original, [], {}
+    for step in steps:
+        result = step.apply(model, ctx)
+        model = result.model
+        records.append(result.record)
+        info.update(result.info)
+    total = engine.measure(original, example, metric)
+    achieved = 1.0 - engine.measure(model, example, metric) / total
+    return model.eval(), {"name": cfg.method, "target": cfg.target, "target_metric": metric, "achieved": achieved,
+                          "stages": [r["kind"] for r in records], **info, "records": records}
 
 
 def _loader(ds: Any, cfg: CompressConfig, normalize: Any, *, train: bool) -> Any:
@@ -303,7 +273,7 @@ def compress(
     if unknown:
         raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
     cfg = replace(config or CompressConfig(), **options).validate()
-    get_scorer(cfg.method)  # unknown method: fail before any work
+    plan(cfg.method)  # unknown method: fail before any work
     _check_runtime()
     normalization = data_mod.parse_normalize(normalize)
     watch = _Stopwatch()
@@ -336,8 +306,8 @@ def _run(loaded: LoadedModel, train_ds: Any, test_ds: Any, example: torch.Tensor
     if train_ds is not None:
         calib_ds = data_mod.calibration_subset(train_ds, cfg.calib_samples, seed=cfg.seed)
         calib = _loader(calib_ds, replace(cfg, augment=False), normalization, train=False)
-    with watch.stage("prune"):
-        pruned, method_info = _prune(original, example, calib, num_classes, cfg, torch.device("cpu"))
+    with watch.stage("compress"):
+        pruned, method_info = _apply_method(original, example, calib, num_classes, cfg, device)
     with watch.stage("evaluate_pruned"):
         acc_pruned = evaluate(pruned, eval_loader, device=device) if eval_loader else None
     tuned = None
@@ -376,7 +346,7 @@ def _write(stage_dir: Path, pruned: nn.Module, loaded: LoadedModel, example: tor
            method_info: dict[str, Any], report: dict[str, Any], normalization: Any) -> None:
     payload = compressed_payload(
         pruned, arch=loaded.arch, input_shape=tuple(example.shape[1:]),
-        transforms=[{"kind": "prune", "history": method_info["history"]}],
+        transforms=method_info["records"],
         meta={"num_classes": num_classes, "method": method_info["name"], "target": method_info["target"],
               "normalize": None if normalization is None else {"mean": list(normalization.mean),
                                                                 "std": list(normalization.std)},
@@ -390,7 +360,7 @@ def _build_report(loaded: LoadedModel, original: nn.Module, pruned: nn.Module, e
                   accuracies: tuple[Any, Any, Any], tuned: Any, watch: _Stopwatch,
                   command: list[str] | None) -> dict[str, Any]:
     acc_original, acc_pruned, acc_final = accuracies
-    info = {k: v for k, v in method_info.items() if k != "history"}
+    info = {k: v for k, v in method_info.items() if k != "records"}
     return {
         "tool": {"name": "compressor", "command": command},
         "model": {"path": loaded.source, "arch": loaded.arch, "input_shape": list(example.shape[1:]),

@@ -28,8 +28,11 @@ MODEL, DATA, METHOD, TUNE, BENCH, OUT = "Model", "Data", "Method and target", "F
 def _methods_help() -> str:
     """One line per registered method, from the registry so --help stays true as methods are added."""
     from .pruning.scorers import get_scorer, list_scorers
+    from .transforms import list_methods
 
-    return "; ".join(f"{name} ({get_scorer(name).description})" for name in list_scorers())
+    described = [f"{name} ({get_scorer(name).description})" for name in list_scorers()]
+    others = [name for name in list_methods() if name not in list_scorers()]
+    return "; ".join(described + others)
 
 
 def _batches(text: str) -> tuple[int, ...]:
@@ -71,9 +74,9 @@ def main_command(
         help=f"Compression method: {_methods_help()}. E.g. --method l1", rich_help_panel=METHOD)] = "l1",
     target: Annotated[float, typer.Option(
         help="Fraction of --target-metric to remove, in (0, 1). E.g. --target 0.33", rich_help_panel=METHOD)] = 0.33,
-    target_metric: Annotated[str, typer.Option(
-        help="What --target counts: filters (conv output channels), params or macs. E.g. --target-metric macs",
-        rich_help_panel=METHOD)] = "filters",
+    target_metric: Annotated[Optional[str], typer.Option(
+        help="What --target counts: filters (conv output channels; default for pruning), params (default for "
+             "factorisation) or macs. E.g. --target-metric macs", rich_help_panel=METHOD)] = None,
     round_to: Annotated[int, typer.Option(
         help="Keep channel counts at multiples of K (1 = exact). E.g. --round-to 8", rich_help_panel=METHOD)] = 1,
     min_keep: Annotated[float, typer.Option(

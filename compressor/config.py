@@ -23,8 +23,9 @@ class CompressConfig:
         Registered method name (``l1``, ``random``, ...).
     target : float
         Fraction of ``target_metric`` to remove, in the open interval (0, 1).
-    target_metric : {"filters", "params", "macs"}
-        ``filters`` counts output channels of all Conv2d layers.
+    target_metric : {"filters", "params", "macs"} or None
+        ``filters`` counts output channels of all Conv2d layers; None means the method's default (``filters`` for
+        pruning, ``params`` when a factorisation is involved).
     round_to : int
         Keep channel counts at multiples of this (1 = no rounding).
     min_keep : float
@@ -51,7 +52,7 @@ class CompressConfig:
 
     method: str = "l1"
     target: float = 0.33
-    target_metric: str = "filters"
+    target_metric: str | None = None
     round_to: int = 1
     min_keep: float = 0.1
     ignore_layers: tuple[str, ...] = ()
@@ -76,7 +77,7 @@ class CompressConfig:
         checks = [
             (isinstance(self.target, (int, float)) and 0.0 < self.target < 1.0 and math.isfinite(self.target),
              f"--target must be a fraction in the open interval (0, 1), e.g. 0.33; got {self.target}"),
-            (self.target_metric in METRICS, f"--target-metric must be one of {', '.join(METRICS)}; "
+            (self.target_metric is None or self.target_metric in METRICS, f"--target-metric must be one of {', '.join(METRICS)}; "
                                             f"got {self.target_metric!r}"),
             (self.round_to >= 1, f"--round-to must be >= 1; got {self.round_to}"),
             (0.0 < self.min_keep < 1.0, f"--min-keep must be in (0, 1); got {self.min_keep}"),

@@ -241,7 +241,7 @@ def compressed_payload(
 
 def rebuild_compressed(payload: Mapping[str, Any], *, base: nn.Module | None = None) -> nn.Module:
     """Rebuild a compressed model from its payload (architecture + transforms + weights)."""
-    from .pruning.engine import build_graph  # local: pruning imports torch-pruning, only needed here
+    from .transforms import get_transform  # local: transforms import torch-pruning, only needed here
 
     arch = str(payload["arch"])
     if arch == PICKLED_ARCH:
@@ -256,11 +256,8 @@ def rebuild_compressed(payload: Mapping[str, Any], *, base: nn.Module | None = N
     else:
         model, _ = _build(arch, payload.get("num_classes"))
     example = torch.zeros((1, *payload["input_shape"]))
-    for transform in payload["transforms"]:
-        if transform["kind"] != "prune":
-            raise ModelLoadError(f"unknown transform {transform['kind']!r}; upgrade compressor to load this model")
-        graph = build_graph(model, example)
-        graph.load_pruning_history([list(step) for step in transform["history"]])
+    for record in payload["transforms"]:
+        model = get_transform(str(record["kind"])).replay(model, record, example)
     load_state_strict(model, payload["state_dict"], what=f"the compressed {arch}")
     return model.eval()
 

@@ -69,7 +69,7 @@ def test_sample_pipeline_writes_every_output(tmp_path: Path) -> None:
     for lat in report["latency"].values():
         assert LATENCY_KEYS <= set(lat["original"]) and LATENCY_KEYS <= set(lat["compressed"]) and lat["speedup"] > 0
     assert "CPUExecutionProvider" in json.dumps(report["benchmark"]["providers"])
-    assert {"load", "prune", "finetune", "export", "parity", "benchmark"} <= set(report["timings"])
+    assert {"load", "compress", "finetune", "export", "parity", "benchmark"} <= set(report["timings"])
     assert any(r["out_after"] < r["out_before"] for r in report["layers"])
     assert report["versions"]["torch"] and report["versions"]["torch-pruning"] and report["versions"]["onnx"]
     assert "MACs" in report["conventions"]["macs"] and report["options"]["target"] == 0.33
