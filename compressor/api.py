@@ -158,7 +158,7 @@ def _export_verify_bench(original: nn.Module, pruned: nn.Module, example: torch.
         with watch.stage("benchmark"):
             bench = benchmark_latency({k: str(p) for k, p in paths.items()}, input_shape=tuple(example.shape[1:]),
                                       batch_sizes=cfg.bench_batches, threads=cfg.threads,
-                                      device="cuda" if cfg.device == "cuda" else "cpu",
+                                      device=cfg.device,
                                       repeats=cfg.bench_repeats, seed=cfg.seed)
         bench_dict = bench.to_dict()
         latency = {}

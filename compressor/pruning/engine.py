@@ -226,41 +226,6 @@ class Allocation:
     ratio: float  # fraction of the removal schedule taken
 
 
-def removed_fraction(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    groups: Sequence[PruningGroup],
-    scores: Mapping[str, torch.Tensor],
-    keep: Mapping[str, int],
-    *,
-    metric: str,
-    total: int | None = None,
-) -> float:
-    """Fraction of ``metric`` that keeping ``keep[g]`` channels per group removes (``model`` is not modified).
-
-    Measured on a pruned copy: a closed form would be wrong for concat groups (a channel of the concat removes a
-    filter from only one branch) and for params/MACs (a layer's cost depends on the channels kept on both sides).
-    """
-    total = total if total is not None else measure(model, example_input, metric)
-    pruned = copy.deepcopy(model)
-    apply_keep(pruned, build_graph(pruned, example_input), groups, scores, keep)
-    return 1.0 - measure(pruned, example_input, metric) / total
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """Keep counts per group and the fraction of the metric they remove."""
-
-    keep: dict[str, int]
-    achieved: float
-    ratio: float  # fraction of the removal schedule taken
-
-
-def _filters_removed(groups: Sequence[PruningGroup], keep: Mapping[str, int], convs: Mapping[str, nn.Module]) -> int:
-    return sum((g.channels - keep[g.root]) * sum(isinstance(convs.get(n), nn.Conv2d) for n in g.out_layers)
-               for g in groups)
-
-
 def removal_schedule(groups: Sequence[PruningGroup], *, min_keep: float, round_to: int) -> list[tuple[str, int]]:
     """Order in which blocks of ``round_to`` channels are removed so that groups shrink at the same relative pace.
 
