@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import CompressConfig
+from ._registry import Registry
 from .errors import InputError, ModelLoadError, UnknownNameError
 from .pruning import engine
 from .pruning.scorers import ScoringContext, get_scorer, list_scorers
@@ -65,27 +66,23 @@ class Transform(abc.ABC):
         """Re-apply ``record``'s structure to ``model`` (weights are loaded afterwards)."""
 
 
-_TRANSFORMS: dict[str, type[Transform]] = {}
+_TRANSFORMS: Registry[type[Transform]] = Registry("transform")
 
 
 def register_transform(cls: type[Transform]) -> type[Transform]:
     """Class decorator registering a transform under ``cls.kind``; ``kind`` is also its method name."""
-    if cls.kind in _TRANSFORMS:
-        raise ValueError(f"transform {cls.kind!r} is already registered")
-    _TRANSFORMS[cls.kind] = cls
-    return cls
+    return _TRANSFORMS.add(cls.kind, cls)
 
 
 def get_transform(kind: str) -> type[Transform]:
-    try:
-        return _TRANSFORMS[kind]
-    except KeyError:
-        raise ModelLoadError(f"unknown transform {kind!r} in the saved model; upgrade compressor to load it") from None
+    if kind not in _TRANSFORMS:
+        raise ModelLoadError(f"unknown transform {kind!r} in the saved model; upgrade compressor to load it")
+    return _TRANSFORMS.get(kind)
 
 
 def list_methods() -> list[str]:
     """Method names: every channel scorer, and every other registered transform (combine them with ``+``)."""
-    return sorted(set(list_scorers()) | {k for k in _TRANSFORMS if k != PruneTransform.kind})
+    return sorted(set(list_scorers()) | {k for k in _TRANSFORMS.names() if k != PruneTransform.kind})
 
 
 def plan(method: str) -> list[Transform]:
@@ -95,7 +92,7 @@ def plan(method: str) -> list[Transform]:
         if part in list_scorers():
             steps.append(PruneTransform(part))
         elif part in _TRANSFORMS and part != PruneTransform.kind:
-            steps.append(_TRANSFORMS[part]())
+            steps.append(_TRANSFORMS.get(part)())
         else:
             raise UnknownNameError("method", part, list_methods())
     prunes = [i for i, s in enumerate(steps) if isinstance(s, PruneTransform)]

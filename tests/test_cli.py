@@ -109,7 +109,7 @@ def _bad_cases(tmp_path: Path, model_file: Path, data_file: Path) -> dict:
         "not a checkpoint": ([junk], "not a PyTorch checkpoint"),
         "arch mismatch": ([model_file, "--arch", "resnet20"], "does not match"),
         "unknown arch": ([model_file, "--arch", "resnet57"], "unknown architecture"),
-        "unknown method": ([model_file, "--method", "l2"], "unknown pruning method"),
+        "unknown method": ([model_file, "--method", "l2"], "unknown method"),
         "target zero": ([model_file, "--target", "0"], "open interval (0, 1)"),
         "target one": ([model_file, "--target", "1"], "open interval (0, 1)"),
         "target negative": ([model_file, "--target", "-0.2"], "open interval (0, 1)"),

@@ -23,7 +23,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import UnknownNameError
+from .._registry import Registry
 from .engine import PruningGroup, full_tp_group
 
 
@@ -76,27 +76,21 @@ class Scorer(abc.ABC):
         """Score every channel of every group in ``ctx.groups``."""
 
 
-_SCORERS: dict[str, type[Scorer]] = {}
+_SCORERS: Registry[type[Scorer]] = Registry("pruning method")
 
 
 def register_scorer(cls: type[Scorer]) -> type[Scorer]:
     """Class decorator adding ``cls`` to the registry under ``cls.name``; duplicate names are an error."""
-    if cls.name in _SCORERS:
-        raise ValueError(f"scorer {cls.name!r} is already registered ({_SCORERS[cls.name].__qualname__})")
-    _SCORERS[cls.name] = cls
-    return cls
+    return _SCORERS.add(cls.name, cls)
 
 
 def get_scorer(name: str) -> type[Scorer]:
     """The scorer class registered as ``name``; unknown names list the known ones and close matches."""
-    try:
-        return _SCORERS[name]
-    except KeyError:
-        raise UnknownNameError("pruning method", name, _SCORERS) from None
+    return _SCORERS.get(name)
 
 
 def list_scorers() -> list[str]:
-    return sorted(_SCORERS)
+    return _SCORERS.names()
 
 
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels)
