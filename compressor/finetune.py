@@ -154,12 +154,16 @@ class _Progress:
         self.enabled, self.epochs, self.steps = enabled, epochs, steps
         self.write = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.live = enabled and log is None and sys.stderr.isatty()
-        self.last = 0.0
+        self.last = time.perf_counter()
 
     def step(self, epoch: int, step: int) -> None:
-        if self.live and (time.perf_counter() - self.last > 0.5 or step == self.steps):
-            self.last = time.perf_counter()
+        now = time.perf_counter()
+        if self.live and (now - self.last > 0.5 or step == self.steps):
+            self.last = now
             print(f"\repoch {epoch}/{self.epochs}  step {step}/{self.steps}", end="", file=sys.stderr, flush=True)
+        elif self.enabled and not self.live and now - self.last > 60 and step < self.steps:
+            self.last = now  # logs and pipes: a line a minute, so long epochs show they are alive
+            self.write(f"epoch {epoch}/{self.epochs}  step {step}/{self.steps}")
 
     def epoch(self, rec: dict[str, Any]) -> None:
         logger.debug("finetune epoch %s", rec)
