@@ -226,14 +226,21 @@ class Allocation:
     ratio: float  # fraction of the removal schedule taken
 
 
-def removal_schedule(groups: Sequence[PruningGroup], *, min_keep: float, round_to: int) -> list[tuple[str, int]]:
+def removal_schedule(
+    groups: Sequence[PruningGroup], *, min_keep: float, round_to: int, start: Mapping[str, int] | None = None
+) -> list[tuple[str, int]]:
     """Order in which blocks of ``round_to`` channels are removed so that groups shrink at the same relative pace.
 
     Each step takes one block from the group that keeps the largest fraction of its channels (ties: the wider
     group, then graph order), never going below the group's floor. Keep counts stay multiples of ``round_to``
-    (after the first step of a group whose width is not one). Returns ``(group root, keep after the step)``.
+    (after the first step of a group whose width is not one). ``start`` gives keep counts to continue from.
+    Returns ``(group root, keep after the step)``.
     """
-    heap = [(-1.0, -g.channels, i, g.root, g.channels) for i, g in enumerate(groups)]
+    start = start or {}
+    heap = []
+    for i, g in enumerate(groups):
+        keep = int(start.get(g.root, g.channels))
+        heap.append((-keep / g.channels, -g.channels, i, g.root, keep))
     heapq.heapify(heap)
     floors = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=round_to) for g in groups}
     steps = []
@@ -260,42 +267,60 @@ def allocate_uniform(
 ) -> Allocation:
     """Keep counts, shrinking all groups at the same relative pace, that remove ``target`` of ``metric``.
 
-    Walks :func:`removal_schedule` and bisects on the number of steps taken (the removed fraction grows with it),
-    then keeps whichever of the two bracketing prefixes lands closer to the target.
+    Walks :func:`removal_schedule` in blocks of ``round_to`` and bisects on the number of steps (the removed
+    fraction grows with it). Alignment is best effort, the target is not: when aligned blocks are too coarse to land
+    within ±2 points, the walk continues from the last aligned prefix below the target one channel at a time, so a
+    few groups end unaligned (the report's keep counts show which).
     """
     if metric not in METRICS:
         raise InputError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
     total = measure(model, example_input, metric)
-    steps = removal_schedule(groups, min_keep=min_keep, round_to=round_to)
+
+    def achieved(keep: Mapping[str, int]) -> float:
+        return removed_fraction(model, example_input, groups, scores, keep, metric=metric, total=total)
+
+    aligned = removal_schedule(groups, min_keep=min_keep, round_to=round_to)
+    best = _walk(groups, aligned, {}, target, achieved)
+    if abs(best.achieved - target) > TARGET_TOLERANCE and round_to > 1:
+        below = best.keep if best.achieved < target else _walk(groups, aligned, {}, target, achieved, below=True).keep
+        fine = removal_schedule(groups, min_keep=min_keep, round_to=1, start=below)
+        best = _walk(groups, fine, below, target, achieved)
+    if abs(best.achieved - target) > TARGET_TOLERANCE:
+        floors = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=1) for g in groups}
+        raise PruningError(
+            f"target {target:.2f} of {metric} is not reachable within ±{TARGET_TOLERANCE:.2f}: the closest is "
+            f"{best.achieved:.3f} and at most {achieved(floors):.3f} can be removed with min_keep={min_keep} "
+            f"({len(groups)} prunable groups); change --target or lower --min-keep"
+        )
+    return best
+
+
+def _walk(
+    groups: Sequence[PruningGroup],
+    steps: Sequence[tuple[str, int]],
+    start: Mapping[str, int],
+    target: float,
+    achieved: Callable[[Mapping[str, int]], float],
+    *,
+    below: bool = False,
+) -> Allocation:
+    """Bisect on the number of ``steps`` taken from ``start``; the closer of the two bracketing prefixes wins
+    (``below=True``: the longest prefix that stays under the target)."""
 
     def keep_after(n: int) -> dict[str, int]:
-        keep = {g.root: g.channels for g in groups}
+        keep = {g.root: int(start.get(g.root, g.channels)) for g in groups}
         keep.update(dict(steps[:n]))  # later steps of a group overwrite earlier ones
         return keep
 
-    def achieved(n: int) -> float:
-        return removed_fraction(model, example_input, groups, scores, keep_after(n), metric=metric, total=total)
-
-    reachable = achieved(len(steps))
-    if target > reachable + TARGET_TOLERANCE:
-        raise PruningError(
-            f"target {target:.2f} of {metric} is not reachable: at most {reachable:.3f} can be removed with "
-            f"min_keep={min_keep} and round_to={round_to} ({len(groups)} prunable groups); lower --target, "
-            f"--min-keep or --round-to"
-        )
-    lo, hi = 0, len(steps)  # invariant: achieved(hi) >= target or hi == len(steps)
+    lo, hi = 0, len(steps)  # smallest n with achieved(n) >= target, or len(steps)
     while lo < hi:
         mid = (lo + hi) // 2
-        if achieved(mid) >= target:
+        if achieved(keep_after(mid)) >= target:
             hi = mid
         else:
             lo = mid + 1
-    candidates = [(abs(achieved(n) - target), n) for n in {max(lo - 1, 0), lo}]
-    _, best_n = min(candidates)
-    value = achieved(best_n)
-    if abs(value - target) > TARGET_TOLERANCE:
-        raise PruningError(
-            f"target {target:.2f} of {metric} cannot be met within ±{TARGET_TOLERANCE:.2f}: the closest reachable is "
-            f"{value:.3f} (channel rounding --round-to {round_to} makes coarse steps; try a smaller value)"
-        )
-    return Allocation(keep_after(best_n), value, best_n / max(len(steps), 1))
+    options = [max(lo - 1, 0)] if below else sorted({max(lo - 1, 0), lo})
+    scored = [(abs(achieved(keep_after(n)) - target), n) for n in options]
+    _, n = min(scored)
+    keep = keep_after(n)
+    return Allocation(keep, achieved(keep), n / max(len(steps), 1))

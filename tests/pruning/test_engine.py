@@ -203,12 +203,24 @@ def test_aligned_channels_still_meet_the_target(round_to: int) -> None:
     assert max(fractions) - min(fractions) <= round_to / 16 + 1e-9, "groups shrink at the same relative pace"
 
 
-def test_too_coarse_alignment_says_so() -> None:
-    """ResNet-56's 64-channel stream feeds 19 convs: one block of 16 is 15% of all filters, too coarse for ±2."""
+def test_too_coarse_alignment_falls_back_to_single_channels() -> None:
+    """ResNet-56's 64-channel stream feeds 19 convs: one block of 16 is 15% of all filters, too coarse for ±2 points.
+    The target still holds: aligned blocks first, then single channels."""
     model = _model("resnet56")
     graph = engine.build_graph(model, X[:1])
     groups = engine.discover_groups(model, graph)
     scores = {g.root: torch.rand(g.channels) for g in groups}
-    with pytest.raises(PruningError, match="closest reachable is 0.3.*--round-to 16"):
-        engine.allocate_uniform(model, X[:1], groups, scores, target=0.33, metric="filters", min_keep=0.1,
-                                round_to=16)
+    alloc = engine.allocate_uniform(model, X[:1], groups, scores, target=0.33, metric="filters", min_keep=0.1,
+                                    round_to=16)
+    assert abs(alloc.achieved - 0.33) <= engine.TARGET_TOLERANCE
+    assert any(alloc.keep[g.root] % 16 == 0 and alloc.keep[g.root] < g.channels for g in groups), alloc.keep
+    assert any(alloc.keep[g.root] % 16 for g in groups), "the fallback to single channels was needed here"
+
+
+def test_unreachable_target_names_the_limit() -> None:
+    model = _model("resnet20")
+    graph = engine.build_graph(model, X[:1])
+    groups = engine.discover_groups(model, graph)
+    scores = {g.root: torch.rand(g.channels) for g in groups}
+    with pytest.raises(PruningError, match=r"at most 0\.\d+ can be removed with min_keep=0.5"):
+        engine.allocate_uniform(model, X[:1], groups, scores, target=0.9, metric="filters", min_keep=0.5, round_to=8)
