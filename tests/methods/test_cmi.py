@@ -1,0 +1,259 @@
+"""``--method cmi`` (issue 3): greedy CMI selection, cutoffs, conditioning, capture and the scorer end to end."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compressor import compress
+from compressor.errors import InputError
+from compressor.methods import cmi
+from compressor.metrics import count_params
+from compressor.models import create_model
+from compressor.pruning import engine
+from compressor.pruning.scorers import ScoringContext, get_scorer
+from compressor.scoring import selection as sel
+from compressor.scoring.mutual_info import SaturationWarning, gram_matrix, label_gram
+
+
+def planted(*, seed: int = 1, n: int = 256, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """12 channels of ``(n, 4)`` maps: 4 carry one bit each of the label (together all of it), 6 are noise,
+    2 are exact copies of informative ones; the kinds are interleaved so that index order gives nothing away."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
+    bits = torch.stack([(y >> b) & 1 for b in range(4)]).double()
+    inf = 2 * bits[:, :, None] + noise * torch.randn(4, n, 4, generator=g, dtype=torch.float64)
+    rnd = torch.randn(6, n, 4, generator=g, dtype=torch.float64)
+    x = torch.cat([rnd[:3], inf[:2], inf[:1], rnd[3:], inf[2:], inf[2:3]])
+    kinds = ["noise"] * 3 + ["inf"] * 2 + ["dup"] + ["noise"] * 3 + ["inf"] * 2 + ["dup"]
+    return x, y, kinds
+
+
+def _grams(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return gram_matrix(x), label_gram(y, 10, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- selection level
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.01])
+def test_planted_informative_first_duplicates_last(alpha: float) -> None:
+    x, y, kinds = planted()
+    grams, a_y = _grams(x, y)
+    chosen = sel.greedy_select(grams, a_y, alpha=alpha)
+    ranked = [kinds[i] for i in chosen.order.tolist()]
+    assert ranked[:4] == ["inf"] * 4, ranked
+    assert ranked[-2:] == ["dup", "dup"], ranked
+    assert sorted(chosen.order.tolist()) == list(range(12))
+    r = chosen.remaining
+    assert r.numel() == 13 and float(r[-1]) == 0.0
+    assert float(r[0]) > 3.0  # the four bits hold (almost) all of S(Y) = log2 10 bits
+    assert bool((r[1:] <= r[:-1] + 2e-3).all()), r  # decreasing up to finite-sample noise
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_planted_cutoffs_keep_the_informative_and_drop_duplicates(seed: int) -> None:
+    x, y, kinds = planted(seed=seed)
+    grams, a_y = _grams(x, y)
+    chosen = sel.greedy_select(grams, a_y)
+    assert sel.scree_cutoff(chosen.remaining) == 4
+    keep, pvalues = sel.permutation_cutoff(grams, a_y, chosen.order, generator=torch.Generator().manual_seed(0))
+    kept = [kinds[i] for i in chosen.order[:keep].tolist()]
+    assert kept[:4] == ["inf"] * 4 and "dup" not in kept, (kept, pvalues)
+    assert all(p < 0.05 for p in pvalues[:4]) and pvalues[-1] >= 0.05
+
+
+def test_duplicates_are_detected_from_gram_matrices() -> None:
+    x, y, kinds = planted()
+    grams, a_y = _grams(x, y)
+    near = x[3] + 0.02 * torch.randn(x[3].shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    grams = torch.cat([grams, gram_matrix(near[None])])
+    assert (kinds[3], kinds[5], kinds[9], kinds[11]) == ("inf", "dup", "inf", "dup")  # 5 copies 3, 11 copies 9
+    rep = sel.representatives(grams, torch.arange(13.0))  # relevance: the highest index of a cluster stands for it
+    assert {c: int(rep[c]) for c in range(13) if int(rep[c]) != c} == {3: 12, 5: 12, 9: 11}
+
+
+def test_ranking_is_invariant_to_sample_order() -> None:
+    x, y, _ = planted(seed=2)
+    perm = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(7))
+    a = sel.greedy_select(*_grams(x, y))
+    b = sel.greedy_select(*_grams(x[:, perm], y[perm]))
+    assert a.order.tolist() == b.order.tolist()
+    torch.testing.assert_close(a.remaining, b.remaining, atol=1e-9, rtol=0)
+
+
+def test_conditioning_moves_known_information_down_the_ranking() -> None:
+    """Given two informative channels as Z, the two others (new information) are selected first."""
+    x, y, kinds = planted()
+    grams, a_y = _grams(x, y)
+    inf = [i for i, k in enumerate(kinds) if k == "inf"]
+    base = sel.geometric_joint(sel.log_kernels(grams[inf[:2]]).sum(0), 2)
+    chosen = sel.greedy_select(grams, a_y, base=base)
+    assert set(chosen.order[:2].tolist()) == set(inf[2:])
+    assert float(chosen.remaining[0]) < float(sel.greedy_select(grams, a_y).remaining[0])
+
+
+def test_keep_at_is_monotone_floored_and_rounded() -> None:
+    x, y, _ = planted()
+    chosen = sel.greedy_select(*_grams(x, y))
+    counts = [sel.keep_at(t, chosen.remaining, chosen.sufficient, floor=2) for t in np.linspace(0, 2, 41)]
+    assert counts == sorted(counts) and counts[0] == 2 and counts[-1] == 12
+    assert sel.keep_at(1.0, chosen.remaining, chosen.sufficient, floor=1) == chosen.sufficient
+    assert all(sel.keep_at(t, chosen.remaining, chosen.sufficient, floor=1, round_to=4) % 4 == 0 for t in (0.3, 1.5))
+
+
+def test_scree_of_an_uninformative_layer_is_zero() -> None:
+    assert sel.scree_cutoff(torch.zeros(9, dtype=torch.float64)) == 0
+
+
+# ------------------------------------------------------------------------------------------------ scorer level
+
+
+def _context(arch: str = "samplenet", *, n: int = 64, seed: int = 0, target: float = 0.4, metric: str = "params",
+             options: dict | None = None) -> ScoringContext:
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    graph = engine.build_graph(model, example)
+    gen = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(32, 3, 32, 32, generator=gen), torch.arange(32) % 10) for _ in range(n // 32)]
+    return ScoringContext(model=model, graph=graph, groups=engine.discover_groups(model, graph), example_input=example,
+                          target=target, metric=metric, device=torch.device("cpu"), seed=seed, calib=calib,
+                          num_classes=10, options={"min_keep": 0.1, "round_to": 1, **(options or {})})
+
+
+def test_scorer_is_registered_and_needs_data() -> None:
+    assert get_scorer("cmi") is cmi.CMIScorer and cmi.CMIScorer.requires_data
+
+
+@pytest.mark.parametrize(("arch", "streams"), [("samplenet", {"res.conv2": "down.0", "res2.conv2": "classifier"}),
+                                               ("resnet20", {"conv1": "layer2.0.conv1", "layer3.0.conv2": "linear"})])
+def test_coupled_channels_are_one_variable_read_after_the_add(arch: str, streams: dict) -> None:
+    ctx = _context(arch, options={"cmi_cutoff": "scree"})
+    result = cmi.CMIScorer().score(ctx)
+    layers = {row["root"]: row for row in result.info["cmi"]["layers"]}
+    assert set(layers) == {g.root for g in ctx.groups} and len(result.scores) == len(ctx.groups)
+    for root, consumer in streams.items():
+        assert layers[root]["tap"] == f"{consumer} (input)"
+    for g in ctx.groups:
+        assert sorted(result.scores[g.root].tolist()) == list(range(1, g.channels + 1))
+        assert engine.floor_keep(g.channels, min_keep=0.1, round_to=1) <= result.keep[g.root] <= g.channels
+    order = result.info["cmi"]["order"]
+    assert order.index("res.conv1" if arch == "samplenet" else "layer1.0.conv1") < order.index(
+        "res.conv2" if arch == "samplenet" else "conv1")  # network order, by where each map is read
+
+
+def test_scoring_leaves_the_model_untouched() -> None:
+    ctx = _context()
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    ctx.model.train()
+    cmi.CMIScorer().score(ctx)
+    assert ctx.model.training
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in ctx.model.modules())
+    assert all(torch.equal(before[k], v) for k, v in ctx.model.state_dict().items())
+
+
+def test_same_seed_same_selection() -> None:
+    options = {"cmi_cutoff": "permutation", "cmi_condition": "compact"}
+    a = cmi.CMIScorer().score(_context(seed=3, options=options))
+    b = cmi.CMIScorer().score(_context(seed=3, options=options))
+    assert a.keep == b.keep
+    assert all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
+
+
+def test_saturation_warning_fires_on_a_too_narrow_kernel() -> None:
+    with pytest.warns(SaturationWarning, match="nearly the identity"):
+        cmi.CMIScorer().score(_context(options={"cmi_kernel_width": 1e-4, "cmi_pool": 0, "cmi_cutoff": "scree"}))
+
+
+@pytest.mark.parametrize("options", [
+    {"cmi_alpha": 0}, {"cmi_alpha": "two"}, {"cmi_alpha": float("nan")}, {"cmi_condition": "global"},
+    {"cmi_cutoff": "elbow"}, {"cmi_direction": "backward"}, {"cmi_kernel_width": -1.0},
+    {"cmi_kernel_width": "mean"}, {"cmi_pool": -1}, {"cmi_pool": 1.5}, {"cmi_alpah": 2.0},
+])
+def test_bad_options_raise_input_error(options: dict) -> None:
+    with pytest.raises(InputError, match="cmi") as info:
+        cmi.CMIScorer(**options).score(_context())
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_option_suggests_the_close_match() -> None:
+    with pytest.raises(InputError, match="did you mean 'cmi_alpha'"):
+        cmi.parse_options({"cmi_alpah": 2})
+
+
+def test_options_defaults_and_coercion() -> None:
+    opts = cmi.parse_options({"cmi_alpha": "1.01", "cmi_pool": "4", "cmi_kernel_width": "0.5", "round_to": 8})
+    assert (opts.alpha, opts.pool, opts.kernel_width, opts.round_to) == (1.01, 4, 0.5, 8)
+    assert cmi.parse_options({}) == cmi.parse_options(dict.fromkeys(cmi.OPTION_KEYS)) == cmi.CMIOptions()
+
+
+def test_outward_visits_every_group_once() -> None:
+    assert sel.outward(2, 5) == [2, 1, 3, 0, 4]
+    assert sorted(sel.outward(0, 4)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("arch", "round_to"), [("samplenet", 8), ("resnet20", 8)])
+def test_alignment_is_best_effort_and_the_target_holds(arch: str, round_to: int) -> None:
+    ctx = _context(arch, target=0.4, metric="filters", options={"round_to": round_to})
+    result = cmi.CMIScorer().score(ctx)
+    allocation = result.info["cmi"]["allocation"]
+    assert abs(allocation["achieved"] - 0.4) <= engine.TARGET_TOLERANCE
+    unaligned = [g.root for g in ctx.groups if result.keep[g.root] % round_to and result.keep[g.root] < g.channels]
+    assert allocation["aligned"] == (not unaligned)
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def random_npz(tmp_path_factory: pytest.TempPathFactory) -> str:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("cmi") / "rand.npz"
+    np.savez(path, x=rng.integers(0, 256, size=(160, 32, 32, 3), dtype=np.uint8), y=np.arange(160) % 10)
+    return str(path)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"cmi_condition": "full", "cmi_cutoff": "scree"},
+    {"cmi_condition": "compact", "cmi_cutoff": "permutation", "cmi_direction": "bidirectional"},
+    {"cmi_condition": "full", "cmi_direction": "bidirectional", "cmi_alpha": 1.01, "cmi_pool": 1},
+    {"cmi_condition": "compact", "cmi_kernel_width": 2.0},
+], ids=["layer-target", "full-scree", "compact-permutation-bidir", "full-target-bidir-a1.01", "compact-target"])
+def test_compress_runs_every_formulation_cutoff_and_direction(random_npz: str, options: dict) -> None:
+    torch.manual_seed(0)
+    model = create_model("samplenet").eval()
+    result = compress(model, data=random_npz, method="cmi", target=0.4, target_metric="params", bench_batches=(),
+                      calib_samples=96, method_options=options)
+    assert count_params(result.model) < count_params(model)
+    assert result.model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    info = result.report["method"]["cmi"]
+    assert (info["formulation"], info["cutoff"], info["direction"]) == (
+        options.get("cmi_condition", "layer"), options.get("cmi_cutoff", "target"),
+        options.get("cmi_direction", "forward"))
+    assert info["seconds"]["total"] > 0 and info["samples"] == 96
+    assert len(info["layers"]) == len(info["keep"]) == 5
+    if info["cutoff"] == "target":
+        assert abs(result.report["method"]["achieved"] - 0.4) <= engine.TARGET_TOLERANCE
+
+
+def test_target_cutoff_meets_a_filters_target(random_npz: str) -> None:
+    model = create_model("samplenet").eval()
+    result = compress(model, data=random_npz, method="cmi", target=0.3, target_metric="filters", bench_batches=(),
+                      calib_samples=64)
+    assert abs(result.report["method"]["achieved"] - 0.3) <= engine.TARGET_TOLERANCE
+
+
+def test_hooks_are_removed_when_the_forward_pass_fails() -> None:
+    ctx = _context()
+    ctx.calib = [(torch.randn(4, 5, 32, 32), torch.zeros(4, dtype=torch.long))]  # wrong channel count
+    with pytest.raises(RuntimeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cmi.CMIScorer().score(ctx)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in ctx.model.modules())
+    assert isinstance(ctx.model, nn.Module)
