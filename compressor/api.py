@@ -26,9 +26,11 @@ from .config import CompressConfig
 from .errors import DataError, InputError, OutputError, ValidationError
 from .finetune import evaluate, finetune
 from .io import LoadedModel, atomic_save, check_writable_dir, compressed_payload, load_model
+from .methods import cmi as _cmi  # noqa: F401 - registers --method cmi
+from .methods import tucker as _tucker  # noqa: F401 - registers --method tucker
 from .metrics import count_filters, count_macs, count_params
 from .pruning import engine
-from .transforms import TransformContext, default_metric, list_methods, plan, requires_data
+from .transforms import TransformContext, check_method_options, default_metric, list_methods, plan, requires_data
 
 log = logging.getLogger("compressor")
 OUTPUT_FILES = ("original.onnx", "compressed.onnx", "compressed.pt", "report.json", "report.md")
@@ -274,6 +276,7 @@ def compress(
         raise InputError(f"unknown option(s) {', '.join(sorted(unknown))}")
     cfg = replace(config or CompressConfig(), **options).validate()
     plan(cfg.method)  # unknown method: fail before any work
+    check_method_options(cfg.method, cfg.method_options)
     _check_runtime()
     normalization = data_mod.parse_normalize(normalize)
     watch = _Stopwatch()
@@ -313,9 +316,14 @@ def _run(loaded: LoadedModel, train_ds: Any, test_ds: Any, example: torch.Tensor
     tuned = None
     if cfg.epochs > 0:
         with watch.stage("finetune"):
-            tuned = finetune(pruned, _loader(train_ds, cfg, normalization, train=True), epochs=cfg.epochs,
-                             lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, device=device,
-                             teacher=original if cfg.distill else None, seed=cfg.seed, eval_loader=eval_loader)
+            train_loader = _loader(train_ds, cfg, normalization, train=True)
+            if cfg.method_options.get("tucker_adaptive"):  # issue 5: ranks train too; record and ratio follow
+                pruned, tuned = _adaptive_finetune(pruned, original, train_loader, eval_loader, example, cfg, device,
+                                                   method_info)
+            else:
+                tuned = finetune(pruned, train_loader, epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
+                                 weight_decay=cfg.weight_decay, device=device,
+                                 teacher=original if cfg.distill else None, seed=cfg.seed, eval_loader=eval_loader)
         with watch.stage("evaluate_finetuned"):
             acc_final = evaluate(pruned, eval_loader, device=device) if eval_loader else None
     else:
@@ -340,6 +348,29 @@ def _run(loaded: LoadedModel, train_ds: Any, test_ds: Any, example: torch.Tensor
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
     return CompressionResult(pruned, original, report, out_dir, files)
+
+
+def _adaptive_finetune(model: nn.Module, original: nn.Module, loader: Any, eval_loader: Any, example: torch.Tensor,
+                       cfg: CompressConfig, device: torch.device, method_info: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """``--tucker-adaptive``: rank-adaptive fine-tuning. The ranks change, so the saved tucker record, the report's
+    ranks and the achieved ratio are replaced by what was trained (``load_compressed`` must rebuild that)."""
+    from .methods.tucker_adaptive import AdaptiveConfig, adaptive_finetune
+
+    if "tucker" not in method_info["stages"]:
+        raise InputError(f"--tucker-adaptive needs a method with tucker (tucker, l1+tucker...); got {cfg.method}")
+    if cfg.optimizer != "sgd" or cfg.distill:
+        raise InputError("--tucker-adaptive trains with SGD and without distillation; drop --optimizer/--distill")
+    stage, info, metric = method_info["stages"].index("tucker"), method_info["tucker"], method_info["target_metric"]
+    config = AdaptiveConfig(epochs=cfg.epochs, lr=cfg.lr, tau=info["tau"], period=info["period"],
+                            weight_decay=cfg.weight_decay, seed=cfg.seed,
+                            metric=metric if info["rank_rule"] == "target" else None)
+    result = adaptive_finetune(model, loader, record=method_info["records"][stage], config=config, device=device,
+                               eval_loader=eval_loader)
+    method_info["records"][stage] = result.record
+    info.update(final_ranks=result.record["layers"], trajectory=result.trajectory, densified=result.densified)
+    method_info["achieved"] = 1.0 - (engine.measure(result.model.cpu(), example, metric)
+                                     / engine.measure(original, example, metric))
+    return result.model, result
 
 
 def _write(stage_dir: Path, pruned: nn.Module, loaded: LoadedModel, example: torch.Tensor, num_classes: int,

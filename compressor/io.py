@@ -242,6 +242,7 @@ def compressed_payload(
 def rebuild_compressed(payload: Mapping[str, Any], *, base: nn.Module | None = None) -> nn.Module:
     """Rebuild a compressed model from its payload (architecture + transforms + weights)."""
     from .transforms import get_transform  # local: transforms import torch-pruning, only needed here
+    from .methods import tucker as _tucker  # noqa: F401 - registers the tucker transform for replay
 
     arch = str(payload["arch"])
     if arch == PICKLED_ARCH:

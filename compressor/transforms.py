@@ -89,8 +89,8 @@ def plan(method: str) -> list[Transform]:
     """The transforms of ``method`` (``l1``, ``tucker``, ``cmi+tucker``...); at most one pruning step, first."""
     steps: list[Transform] = []
     for part in method.split("+"):
-        if part in list_scorers():
-            steps.append(PruneTransform(part))
+        if part in list_scorers():  # in a chain, pruning takes PRUNE_SHARE of --target, the factorisation the rest
+            steps.append(PruneTransform(part, target_share=PRUNE_SHARE if "+" in method else 1.0))
         elif part in _TRANSFORMS and part != PruneTransform.kind:
             steps.append(_TRANSFORMS.get(part)())
         else:
@@ -99,6 +99,15 @@ def plan(method: str) -> list[Transform]:
     if len(prunes) > 1 or (prunes and prunes[0] != 0):
         raise InputError(f"--method {method}: at most one pruning method, first (e.g. cmi+tucker)")
     return steps
+
+
+def check_method_options(method: str, options: Mapping[str, Any]) -> None:
+    """Method options are namespaced ``<method>_<name>``; one for a method not in the chain is an error."""
+    names = method.split("+")
+    for key in options:
+        if not any(key.startswith(f"{name}_") for name in names):
+            owner = key.split("_", 1)[0]
+            raise InputError(f"option {key!r} applies to --method {owner}, not to --method {method}")
 
 
 def requires_data(steps: list[Transform]) -> bool:
@@ -110,39 +119,45 @@ def default_metric(steps: list[Transform]) -> str:
     return steps[-1].default_metric
 
 
+PRUNE_SHARE = 0.5
+
+
 @register_transform
 class PruneTransform(Transform):
     """Physical channel pruning ranked by a registered scorer (see :mod:`compressor.pruning.scorers`)."""
 
     kind = "prune"
 
-    def __init__(self, scorer: str = "l1") -> None:
+    def __init__(self, scorer: str = "l1", *, target_share: float = 1.0) -> None:
         self.scorer = scorer
+        self.target_share = target_share
         self.requires_data = get_scorer(scorer).requires_data  # type: ignore[misc]
 
     def apply(self, model: nn.Module, ctx: TransformContext) -> TransformResult:
         cfg, example = ctx.cfg, ctx.example
+        target = cfg.target * self.target_share
         graph = engine.build_graph(model, example)
         groups = engine.discover_groups(model, graph, ignore=cfg.ignore_layers)
         if not groups:
             raise InputError("the model has no prunable channel groups (no Conv2d/Linear feeding another layer)")
-        options = {"min_keep": cfg.min_keep, "round_to": cfg.round_to, **cfg.method_options}
-        scoring = ScoringContext(model=model, graph=graph, groups=groups, example_input=example, target=cfg.target,
+        own = {k: v for k, v in cfg.method_options.items() if k.startswith(f"{self.scorer}_")}
+        options = {"min_keep": cfg.min_keep, "round_to": cfg.round_to, **own}
+        scoring = ScoringContext(model=model, graph=graph, groups=groups, example_input=example, target=target,
                                  metric=ctx.metric, device=ctx.device, seed=cfg.seed, calib=ctx.calib,
                                  num_classes=ctx.num_classes, options=options)
         start = time.perf_counter()
-        scored = get_scorer(self.scorer)(**cfg.method_options).score(scoring)
+        scored = get_scorer(self.scorer)(**own).score(scoring)
         scoring_seconds = time.perf_counter() - start
         keep = scored.keep
         if keep is None:
-            keep = engine.allocate_uniform(model, example, groups, scored.scores, target=cfg.target, metric=ctx.metric,
+            keep = engine.allocate_uniform(model, example, groups, scored.scores, target=target, metric=ctx.metric,
                                            min_keep=cfg.min_keep, round_to=cfg.round_to).keep
         pruned = copy.deepcopy(model)
         pruned_graph = engine.build_graph(pruned, example)
         with torch.no_grad():
             reference = model(example).shape
             engine.apply_keep(pruned, pruned_graph, groups, scored.scores, keep, check=_output_check(example, reference))
-        info = {"scorer": self.scorer, "scoring_seconds": round(scoring_seconds, 4),
+        info = {"scorer": self.scorer, "prune_target": target, "scoring_seconds": round(scoring_seconds, 4),
                 "groups": [{"root": g.root, "channels": g.channels, "keep": int(keep[g.root]),
                             "layers": list(g.out_layers)} for g in groups], **scored.info}
         record = {"kind": self.kind, "history": [list(step) for step in pruned_graph.pruning_history()]}
