@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from . import models
 from . import report as report_mod
 from .config import CompressConfig
 from .errors import DataError, InputError, OutputError, ValidationError
@@ -309,8 +310,10 @@ def _run(loaded: LoadedModel, train_ds: Any, test_ds: Any, example: torch.Tensor
     if train_ds is not None:
         calib_ds = data_mod.calibration_subset(train_ds, cfg.calib_samples, seed=cfg.seed)
         calib = _loader(calib_ds, replace(cfg, augment=False), normalization, train=False)
+    source = models.reinitialise(original, seed=cfg.seed) if cfg.at_init else original
     with watch.stage("compress"):
-        pruned, method_info = _apply_method(original, example, calib, num_classes, cfg, device)
+        pruned, method_info = _apply_method(source, example, calib, num_classes, cfg, device)
+    method_info["at_init"] = cfg.at_init
     with watch.stage("evaluate_pruned"):
         acc_pruned = evaluate(pruned, eval_loader, device=device) if eval_loader else None
     tuned = None

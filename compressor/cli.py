@@ -143,6 +143,10 @@ def main_command(
                                             rich_help_panel=TUNE)] = 128,
     distill: Annotated[bool, typer.Option("--distill", help="Distil from the uncompressed model while fine-tuning.",
                                           rich_help_panel=TUNE)] = False,
+    at_init: Annotated[bool, typer.Option(
+        "--at-init", help="Score and prune a randomly re-initialised copy (seeded by --seed), then train the pruned "
+                          "network from scratch for --epochs. E.g. --at-init --epochs 30 --lr 0.1",
+        rich_help_panel=TUNE)] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (auto: CUDA with AMP when available). "
                                              "E.g. --device cpu", rich_help_panel=TUNE)] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for sampling, scoring and fine-tuning. E.g. --seed 0",
@@ -172,7 +176,7 @@ def main_command(
         round_to=round_to, min_keep=min_keep, ignore_layers=tuple(ignore_layer or ()), calib_samples=calib_samples,
         epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, distill=distill, augment=augment,
         device=device, seed=seed, bench_batches=_batches(bench_batch), threads=threads, bench_repeats=bench_repeats,
-        atol=atol, overwrite=overwrite,
+        atol=atol, overwrite=overwrite, at_init=at_init,
         method_options=_method_options(cmi_alpha=cmi_alpha, cmi_condition=cmi_condition, cmi_cutoff=cmi_cutoff,
                                        cmi_direction=cmi_direction, cmi_kernel_width=_width(cmi_kernel_width),
                                        cmi_pool=cmi_pool, tucker_rank_rule=rank_rule, tucker_energy=energy,

@@ -50,6 +50,9 @@ class CompressConfig:
         Maximum |PyTorch - onnxruntime| accepted by the parity check.
     method_options : dict
         Method-specific options, forwarded to the scorer.
+    at_init : bool
+        Score and prune a re-initialised copy of the model (random weights, seeded by ``seed``), then train the
+        pruned network from scratch for ``epochs``; the trained input stays the "original" it is compared with.
     """
 
     method: str = "l1"
@@ -73,6 +76,7 @@ class CompressConfig:
     bench_repeats: int = 50
     atol: float = 1e-4
     method_options: dict[str, Any] = field(default_factory=dict)
+    at_init: bool = False
 
     def validate(self) -> CompressConfig:
         """Raise :class:`InputError` naming the first invalid option; return ``self``."""
@@ -93,6 +97,8 @@ class CompressConfig:
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1; got {self.threads}"),
             (self.bench_repeats >= 1, f"--bench-repeats must be >= 1; got {self.bench_repeats}"),
             (self.atol > 0, f"--atol must be > 0; got {self.atol}"),
+            (not self.at_init or self.epochs > 0,
+             "--at-init prunes a randomly initialised network, which must then be trained: add --epochs N"),
         ]
         for ok, message in checks:
             if not ok:

@@ -51,24 +51,37 @@ def machine() -> dict[str, Any]:
 
 
 def layer_table(before: nn.Module, after: nn.Module) -> list[dict[str, Any]]:
-    """Channels in/out per Conv2d/Linear layer, matched by module name."""
+    """Channels in/out per Conv2d/Linear layer of ``before``, matched by module name in ``after``.
+
+    A layer replaced by a factorised block (Tucker-2: ``reduce`` -> ``core`` -> ``restore``) reports the block's
+    outer channels and ``ranks`` ``[r_out, r_in]`` (the core's output and input channels); other rows have no ranks.
+    """
     after_modules = dict(after.named_modules())
     rows = []
     for name, module in before.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
-        pruned = after_modules.get(name)
-        in_attr, out_attr = ("in_channels", "out_channels") if isinstance(module, nn.Conv2d) else (
-            "in_features", "out_features")
+        replaced = after_modules.get(name)
+        inner = [m for m in replaced.modules() if isinstance(m, (nn.Conv2d, nn.Linear))] if replaced else []
+        first, last = (inner[0], inner[-1]) if inner else (None, None)
+        core = getattr(replaced, "core", None) if len(inner) > 1 else None
         rows.append({
             "name": name,
             "type": type(module).__name__,
-            "in_before": getattr(module, in_attr),
-            "in_after": getattr(pruned, in_attr, None),
-            "out_before": getattr(module, out_attr),
-            "out_after": getattr(pruned, out_attr, None),
+            "in_before": _channels(module, "in"),
+            "in_after": _channels(first, "in"),
+            "out_before": _channels(module, "out"),
+            "out_after": _channels(last, "out"),
+            "ranks": [core.out_channels, core.in_channels] if isinstance(core, nn.Conv2d) else None,
         })
     return rows
+
+
+def _channels(module: nn.Module | None, side: str) -> int | None:
+    if module is None:
+        return None
+    attr = {"in": ("in_channels", "in_features"), "out": ("out_channels", "out_features")}[side]
+    return getattr(module, attr[0], getattr(module, attr[1], None))
 
 
 def to_json(report: Mapping[str, Any]) -> str:
@@ -139,16 +152,49 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             for which in ("original", "compressed"):
                 s = lat[which]
                 lines.append(f"| {batch} | {which} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
-    lines += ["", "## Layers", "", "| layer | in before | in after | out before | out after |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += _method_section(method)
+    ranked = any(r.get("ranks") for r in report["layers"])
+    lines += ["", "## Layers", "", "| layer | in before | in after | out before | out after |"
+              + (" Tucker ranks (out, in) |" if ranked else ""), "| --- | ---: | ---: | ---: | ---: |"
+              + (" ---: |" if ranked else "")]
     lines += [f"| {r['name']} | {r['in_before']} | {r['in_after']} | {r['out_before']} | {r['out_after']} |"
-              for r in report["layers"]]
+              + (f" {_fmt_ranks(r.get('ranks'))} |" if ranked else "") for r in report["layers"]]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {stage} | {sec:.2f} |" for stage, sec in report["timings"].items()]
     lines += ["", "## Conventions", ""] + [f"- {v}" for v in report["conventions"].values()]
     lines += ["", "## Options", "", "```json", json.dumps(report["options"], indent=2, default=str), "```",
               "", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v), ""]
     return "\n".join(lines)
+
+
+def _fmt_ranks(ranks: Any) -> str:
+    return "" if not ranks else f"{ranks[0]}, {ranks[1]}"
+
+
+def _scalars(facts: Mapping[str, Any]) -> str:
+    """``key value; ...`` for the scalar (and short list) entries of a method's facts."""
+    shown = []
+    for key, value in facts.items():
+        if isinstance(value, float):
+            shown.append(f"{key} {value:.4g}")
+        elif isinstance(value, (str, int, bool)) or value is None:
+            shown.append(f"{key} {value}")
+        elif isinstance(value, list) and len(value) <= 8 and all(isinstance(v, (str, int, float)) for v in value):
+            shown.append(f"{key} {', '.join(map(str, value))}")
+    return "; ".join(shown)
+
+
+def _method_section(method: Mapping[str, Any]) -> list[str]:
+    """What the method chose: its settings, kept channels per pruning group, Tucker ranks per layer."""
+    lines = ["", "## Method", "", f"Stages: {' then '.join(method.get('stages', []))}; "
+             + _scalars({k: v for k, v in method.items() if k not in ("name", "stages")}) + "."]
+    for stage in ("cmi", "mipp", "tucker"):
+        if isinstance(method.get(stage), Mapping):
+            lines += ["", f"{stage}: {_scalars(method[stage])}."]
+    if method.get("groups"):
+        lines += ["", "| pruning group (root) | layers | channels | kept |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {g['root']} | {len(g['layers'])} | {g['channels']} | {g['keep']} |" for g in method["groups"]]
+    return lines
 
 
 def print_table(report: Mapping[str, Any]) -> None:

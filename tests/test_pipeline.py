@@ -103,3 +103,18 @@ def test_resnet56_l1_third_of_filters() -> None:
     assert r["latency"]["1"]["original"]["p50_ms"] > 0 and r["latency"]["1"]["compressed"]["p50_ms"] > 0
     stream = [g for g in r["method"]["groups"] if len(g["layers"]) > 1]
     assert len(stream) == 3 and all(g["keep"] < g["channels"] for g in stream), "residual streams must be pruned"
+
+
+@pytest.mark.parametrize("at_init", [False, True])
+def test_at_init_prunes_fresh_weights_and_compares_with_the_trained_model(at_init: bool, tiny_data: Path) -> None:
+    """--at-init: the pruned network's weights come from a re-initialisation, not from the trained model (lr ~ 0
+    so one epoch leaves them where pruning put them); the original is still the trained model."""
+    torch.manual_seed(0)
+    model = create_model("samplenet").eval()
+    result = compress(model, data=tiny_data, method="l1", target=0.3, epochs=1, lr=1e-12, bench_batches=(),
+                      at_init=at_init, seed=5)
+    kept, trained = result.model.stem[0].weight.detach(), model.stem[0].weight.detach()
+    matches = (kept[:, None] - trained[None]).abs().flatten(2).amax(-1).amin(-1) < 1e-6
+    assert bool(matches.all()) is not at_init and bool(matches.any()) is not at_init
+    assert result.report["method"]["at_init"] is at_init
+    torch.testing.assert_close(result.original.stem[0].weight, trained)

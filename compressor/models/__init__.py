@@ -18,14 +18,16 @@ True
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from compressor.errors import InputError, UnknownNameError
 
-__all__ = ["ArchSpec", "create_model", "get_arch", "list_archs", "register_arch"]
+__all__ = ["ArchSpec", "create_model", "get_arch", "list_archs", "register_arch", "reinitialise"]
 
 #: A factory builds a freshly initialised model; it takes ``num_classes`` as a keyword.
 ModelFactory = Callable[..., nn.Module]
@@ -157,6 +159,25 @@ def create_model(name: str, *, num_classes: int | None = None) -> nn.Module:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise InputError(f"num_classes must be a positive integer, got {num_classes!r}")
     return spec.factory(num_classes=num_classes)
+
+
+def reinitialise(model: nn.Module, *, seed: int) -> nn.Module:
+    """A copy of ``model`` with fresh random weights: every submodule's own ``reset_parameters`` (PyTorch's default
+    initialisation for Conv/Linear/BatchNorm, which also resets BN running statistics), under ``torch.manual_seed``.
+
+    Used by ``--at-init``: score a network before training (Westphal et al., arXiv:2411.00147, section 5).
+    """
+    fresh = copy.deepcopy(model)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for module in fresh.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    finally:
+        torch.random.set_rng_state(state)
+    return fresh
 
 
 # Importing the family files registers their variants; they need ``register_arch`` defined above.

@@ -12,7 +12,7 @@ from torch import nn
 
 import compressor.models as zoo
 from compressor.errors import InputError, UnknownNameError
-from compressor.models import ArchSpec, create_model, get_arch, list_archs, register_arch
+from compressor.models import ArchSpec, create_model, get_arch, list_archs, register_arch, reinitialise
 from compressor.models.layers import ChannelShortcut
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,3 +190,18 @@ def test_sample_model_loads_and_is_accurate() -> None:
     top1 = _top1(model, _to_input(data["x"], mean, std), torch.from_numpy(data["y"]))
     assert top1 >= 80.0
     assert abs(top1 - checkpoint["accuracy"]) <= 1.0, f"top-1 {top1:.1f} vs recorded {checkpoint['accuracy']:.1f}"
+
+
+def test_reinitialise_draws_fresh_seeded_weights_and_leaves_the_input_alone() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    with torch.no_grad():
+        model.bn1.running_mean.fill_(3.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.random.get_rng_state()
+    a, b, c = reinitialise(model, seed=1), reinitialise(model, seed=1), reinitialise(model, seed=2)
+    assert torch.equal(torch.random.get_rng_state(), state), "the global RNG stream was disturbed"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the input was modified"
+    assert not torch.equal(a.conv1.weight, model.conv1.weight)
+    assert torch.equal(a.conv1.weight, b.conv1.weight) and not torch.equal(a.conv1.weight, c.conv1.weight)
+    assert torch.equal(a.bn1.running_mean, torch.zeros(16)), "BN statistics were not reset"
