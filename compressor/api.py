@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,7 +30,8 @@ from .methods import cmi as _cmi  # noqa: F401 - registers --method cmi
 from .methods import tucker as _tucker  # noqa: F401 - registers --method tucker
 from .metrics import count_filters, count_macs, count_params
 from .pruning import engine
-from .transforms import TransformContext, check_method_options, default_metric, list_methods, plan, requires_data
+from .transforms import (  # noqa: F401 - list_methods is re-exported by compressor/__init__
+    TransformContext, check_method_options, default_metric, list_methods, plan, requires_data)
 
 log = logging.getLogger("compressor")
 OUTPUT_FILES = ("original.onnx", "compressed.onnx", "compressed.pt", "report.json", "report.md")

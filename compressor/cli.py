@@ -6,7 +6,6 @@ failure exits 1; Ctrl-C exits 130. Nothing is written unless the whole run succe
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

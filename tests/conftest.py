@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -26,3 +28,15 @@ def akamaster(depth: int) -> Path:
     if not found:
         pytest.skip(f"needs {folder}/resnet{depth}-*.th (the ../shared checkout); not found")
     return found[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run a module on one torch thread: tiny tensors on a loaded 2-core machine take ~20 ms per op with several
+    OpenMP threads instead of microseconds. Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ from compressor.data import (
 from compressor.errors import DataError, InputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors run faster on one thread, especially on a shared machine; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int = 12, h: int = 8, w: int = 8, c: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -14,13 +14,7 @@ from compressor.errors import DataError, InputError
 from compressor.finetune import FinetuneResult, cosine_lr, distillation_loss, evaluate, finetune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster on one thread, especially on a shared machine; restore the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blobs(n: int = 256, seed: int = 0) -> ImageDataset:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from compressor.errors import InputError, ModelLoadError, UnknownNameError
 from compressor.io import compressed_payload, load_compressed, load_model

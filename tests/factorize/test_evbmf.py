@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,15 +10,7 @@ import torch
 from compressor.errors import InputError
 from compressor.factorize.evbmf import energy_rank, evb_tau_threshold, evbmf, golden_section_minimize
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls with several OpenMP threads on a loaded shared machine take ~20 ms each instead of ~3 us.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(rows: int, cols: int, signal: list[float], *, noise: float, seed: int) -> torch.Tensor:

@@ -22,15 +22,7 @@ from compressor.factorize import (
     tucker2_shrinks,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls with several OpenMP threads on a loaded shared machine take ~20 ms each instead of ~3 us.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_kernel(c_out: int, c_in: int, k: int, ranks: tuple[int, int], *, seed: int = 0) -> torch.Tensor:
