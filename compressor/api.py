@@ -24,7 +24,7 @@ from . import models
 from . import report as report_mod
 from .config import CompressConfig
 from .errors import DataError, InputError, OutputError, ValidationError
-from .finetune import evaluate, finetune
+from .finetune import evaluate, finetune, recalibrate_bn
 from .io import LoadedModel, atomic_save, check_writable_dir, compressed_payload, load_model
 from .methods import cmi as _cmi  # noqa: F401 - registers --method cmi
 from .methods import tucker as _tucker  # noqa: F401 - registers --method tucker
@@ -314,6 +314,15 @@ def _run(loaded: LoadedModel, train_ds: Any, test_ds: Any, example: torch.Tensor
     with watch.stage("compress"):
         pruned, method_info = _apply_method(source, example, calib, num_classes, cfg, device)
     method_info["at_init"] = cfg.at_init
+    acc_stale = None
+    if train_ds is not None and cfg.bn_recalib > 0:
+        if eval_loader is not None:
+            with watch.stage("evaluate_pruned"):
+                acc_stale = evaluate(pruned, eval_loader, device=device)
+        with watch.stage("bn_recalib"):
+            bn_ds = data_mod.calibration_subset(train_ds, cfg.bn_recalib, seed=cfg.seed + 1)
+            method_info["bn_recalib_images"] = recalibrate_bn(
+                pruned, _loader(bn_ds, replace(cfg, augment=False), normalization, train=False), device=device)
     with watch.stage("evaluate_pruned"):
         acc_pruned = evaluate(pruned, eval_loader, device=device) if eval_loader else None
     tuned = None
@@ -339,7 +348,7 @@ def _run(loaded: LoadedModel, train_ds: Any, test_ds: Any, example: torch.Tensor
         inputs = _eval_inputs(test_ds, train_ds, normalization, example)
         verified = _export_verify_bench(original, pruned, example, inputs, cfg, stage_dir, watch)
         report = _build_report(loaded, original, pruned, example, num_classes, cfg, method_info, verified,
-                               (acc_original, acc_pruned, acc_final), tuned, watch, command)
+                               (acc_original, acc_stale, acc_pruned, acc_final), tuned, watch, command)
         files: dict[str, Path] = {}
         if out_dir is not None:
             with watch.stage("write"):
@@ -391,9 +400,9 @@ def _write(stage_dir: Path, pruned: nn.Module, loaded: LoadedModel, example: tor
 
 def _build_report(loaded: LoadedModel, original: nn.Module, pruned: nn.Module, example: torch.Tensor,
                   num_classes: int, cfg: CompressConfig, method_info: dict[str, Any], verified: dict[str, Any],
-                  accuracies: tuple[Any, Any, Any], tuned: Any, watch: _Stopwatch,
+                  accuracies: tuple[Any, Any, Any, Any], tuned: Any, watch: _Stopwatch,
                   command: list[str] | None) -> dict[str, Any]:
-    acc_original, acc_pruned, acc_final = accuracies
+    acc_original, acc_stale, acc_pruned, acc_final = accuracies
     info = {k: v for k, v in method_info.items() if k != "records"}
     return {
         "tool": {"name": "compressor", "command": command},
@@ -403,7 +412,8 @@ def _build_report(loaded: LoadedModel, original: nn.Module, pruned: nn.Module, e
         "original": {**_stats(original, example), "onnx_bytes": verified["onnx_bytes"]["original"],
                      "accuracy": acc_original},
         "compressed": {**_stats(pruned, example), "onnx_bytes": verified["onnx_bytes"]["compressed"],
-                       "accuracy": acc_final, "accuracy_before_finetune": acc_pruned},
+                       "accuracy": acc_final, "accuracy_before_finetune": acc_pruned,
+                       "accuracy_before_bn_recalib": acc_stale},
         "parity": verified["parity"],
         "latency": verified.get("latency", {}),
         "benchmark": verified.get("benchmark", {}),

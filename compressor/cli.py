@@ -80,6 +80,9 @@ def main_command(
              "E.g. --normalize imagenet", rich_help_panel=DATA)] = "none",
     calib_samples: Annotated[int, typer.Option(
         help="Images of --data used by data-driven methods. E.g. --calib-samples 256", rich_help_panel=DATA)] = 256,
+    bn_recalib: Annotated[int, typer.Option(
+        help="Images of --data on which BatchNorm statistics of the compressed model are re-estimated before "
+             "evaluation and fine-tuning (0 = off). E.g. --bn-recalib 0", rich_help_panel=DATA)] = 1024,
     augment: Annotated[Optional[bool], typer.Option(
         "--augment/--no-augment", help="Crop+flip during fine-tuning (default: on for 32x32 images).",
         rich_help_panel=DATA, show_default=False)] = None,
@@ -173,6 +176,7 @@ def main_command(
     options = dict(
         arch=arch, trust_pickle=trust_pickle, method=method, target=target, target_metric=target_metric,
         round_to=round_to, min_keep=min_keep, ignore_layers=tuple(ignore_layer or ()), calib_samples=calib_samples,
+        bn_recalib=bn_recalib,
         epochs=epochs, lr=lr, optimizer=optimizer, batch_size=batch_size, distill=distill, augment=augment,
         device=device, seed=seed, bench_batches=_batches(bench_batch), threads=threads, bench_repeats=bench_repeats,
         atol=atol, overwrite=overwrite, at_init=at_init,

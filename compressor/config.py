@@ -36,6 +36,9 @@ class CompressConfig:
         Layers whose groups are never pruned.
     calib_samples : int
         Images of ``data`` used by data-driven scorers.
+    bn_recalib : int
+        Images of ``data`` on which the compressed model's BatchNorm statistics are re-estimated before evaluation
+        and fine-tuning (0 = off; needs ``data``).
     epochs, lr, optimizer, batch_size, weight_decay, distill, augment
         Fine-tuning; ``augment=None`` enables crop+flip for 32x32 images.
     device : {"auto", "cpu", "cuda"}
@@ -62,6 +65,7 @@ class CompressConfig:
     min_keep: float = 0.1
     ignore_layers: tuple[str, ...] = ()
     calib_samples: int = 256
+    bn_recalib: int = 1024
     epochs: int = 0
     lr: float = 0.01
     optimizer: str = "sgd"
@@ -88,6 +92,7 @@ class CompressConfig:
             (self.round_to >= 1, f"--round-to must be >= 1; got {self.round_to}"),
             (0.0 < self.min_keep < 1.0, f"--min-keep must be in (0, 1); got {self.min_keep}"),
             (self.calib_samples >= 1, f"--calib-samples must be >= 1; got {self.calib_samples}"),
+            (self.bn_recalib >= 0, f"--bn-recalib must be >= 0 (0 = off); got {self.bn_recalib}"),
             (self.epochs >= 0, f"--epochs must be >= 0; got {self.epochs}"),
             (self.lr > 0, f"--lr must be > 0; got {self.lr}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),

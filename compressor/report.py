@@ -3,7 +3,8 @@
 Schema (``report.json``), every number measured in the run that wrote it:
 
 * ``original`` / ``compressed``: ``params``, ``macs``, ``filters``, ``onnx_bytes``, ``accuracy`` (top-1 on the eval
-  data, or null without it); ``compressed`` adds ``accuracy_before_finetune``;
+  data, or null without it); ``compressed`` adds ``accuracy_before_finetune`` (after BatchNorm recalibration) and
+  ``accuracy_before_bn_recalib`` (straight after compression; null when no recalibration ran);
 * ``parity``: ``max_abs_diff``, ``top1_agreement``, ``n_samples``, ``atol`` (compressed model, PyTorch vs onnxruntime);
 * ``latency``: keyed by batch size, each with ``original`` and ``compressed`` (``p50_ms``, ``p90_ms``, ``p99_ms``, ...)
   and ``speedup`` (original p50 / compressed p50); ``benchmark`` holds providers read back, threads, versions;
@@ -114,9 +115,13 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     acc_change = ""
     if o["accuracy"] is not None and c["accuracy"] is not None:
         acc_change = f"{100 * (c['accuracy'] - o['accuracy']):+.2f} pts"
+    recalibrated = c.get("accuracy_before_bn_recalib") is not None
+    if recalibrated:
+        rows.append(("top-1 (compressed, stale BN statistics)", _fmt_acc(o["accuracy"]),
+                     _fmt_acc(c["accuracy_before_bn_recalib"]), ""))
     if c.get("accuracy_before_finetune") is not None and report.get("finetune", {}).get("epochs"):
-        rows.append(("top-1 (pruned, before fine-tune)", _fmt_acc(o["accuracy"]),
-                     _fmt_acc(c["accuracy_before_finetune"]), ""))
+        label = "BN recalibrated, before fine-tune" if recalibrated else "before fine-tune"
+        rows.append((f"top-1 ({label})", _fmt_acc(o["accuracy"]), _fmt_acc(c["accuracy_before_finetune"]), ""))
     rows.append(("top-1", _fmt_acc(o["accuracy"]), _fmt_acc(c["accuracy"]), acc_change))
     for batch, lat in report.get("latency", {}).items():
         rows.append((f"ORT p50 ms (batch {batch})", f"{lat['original']['p50_ms']:.3f}",

@@ -75,13 +75,14 @@ def test_flags_are_forwarded_to_the_api(monkeypatch: pytest.MonkeyPatch, model_f
     result = invoke(model_file, "--method", "random", "--target", "0.5", "--target-metric", "macs",
                     "--round-to", "4", "--ignore-layer", "stem.0", "--ignore-layer", "dw.0", "--epochs", "3",
                     "--bench-batch", "1,8", "--threads", "2", "--distill", "--no-augment", "--out", tmp_path / "o",
-                    "--cmi-alpha", "1.01", "--cmi-kernel-width", "2.5", "--cmi-cutoff", "scree", "--at-init")
+                    "--cmi-alpha", "1.01", "--cmi-kernel-width", "2.5", "--cmi-cutoff", "scree", "--at-init",
+                    "--bn-recalib", "0")
     assert result.exit_code == 0, result.output
     assert seen["method"] == "random" and seen["target"] == 0.5 and seen["target_metric"] == "macs"
     assert seen["round_to"] == 4 and seen["ignore_layers"] == ("stem.0", "dw.0") and seen["epochs"] == 3
     assert seen["bench_batches"] == (1, 8) and seen["threads"] == 2 and seen["distill"] is True
     assert seen["augment"] is False and seen["out"] == tmp_path / "o" and seen["model"] == model_file
-    assert seen["at_init"] is True
+    assert seen["at_init"] is True and seen["bn_recalib"] == 0
     assert seen["method_options"] == {"cmi_alpha": 1.01, "cmi_kernel_width": 2.5, "cmi_cutoff": "scree"}
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from compressor.data import ImageDataset, make_loader
 from compressor.errors import DataError, InputError
-from compressor.finetune import FinetuneResult, cosine_lr, distillation_loss, evaluate, finetune
+from compressor.finetune import FinetuneResult, cosine_lr, distillation_loss, evaluate, finetune, recalibrate_bn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,3 +191,27 @@ def test_finetune_on_cuda_with_amp() -> None:
     result = finetune(_net(), _loader(_blobs(256)), epochs=3, lr=0.05, device="cuda", progress=False)
     assert result.amp is True and result.device.startswith("cuda")
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_recalibrate_bn_measures_the_new_statistics_and_touches_nothing_else() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 1, 8, 8))
+    model.eval()
+    bn = model[1]
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    x = torch.randn(64, 1, 8, 8) * 2 + 1
+    loader = [(x[:32], torch.zeros(32)), (x[32:], torch.zeros(32))]
+    assert recalibrate_bn(model, loader) == 64
+    with torch.no_grad():  # the cumulative average over batches of each batch's statistics
+        batches = [model[0](xb) for xb, _ in loader]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in batches]).mean(0)
+    var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in batches]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var, var, atol=1e-4, rtol=1e-4)
+    assert not model.training and not bn.training and bn.momentum == 0.1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    with pytest.raises(DataError, match="no images"):
+        recalibrate_bn(model, [])

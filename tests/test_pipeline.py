@@ -76,7 +76,8 @@ def test_sample_pipeline_writes_every_output(tmp_path: Path) -> None:
     for lat in report["latency"].values():
         assert LATENCY_KEYS <= set(lat["original"]) and LATENCY_KEYS <= set(lat["compressed"]) and lat["speedup"] > 0
     assert "CPUExecutionProvider" in json.dumps(report["benchmark"]["providers"])
-    assert {"load", "compress", "finetune", "export", "parity", "benchmark"} <= set(report["timings"])
+    assert {"load", "compress", "bn_recalib", "finetune", "export", "parity", "benchmark"} <= set(report["timings"])
+    assert report["method"]["bn_recalib_images"] == 1024 and 0 <= c["accuracy_before_bn_recalib"] <= 1
     assert any(r["out_after"] < r["out_before"] for r in report["layers"])
     assert report["versions"]["torch"] and report["versions"]["torch-pruning"] and report["versions"]["onnx"]
     assert "MACs" in report["conventions"]["macs"] and report["options"]["target"] == 0.33
@@ -118,3 +119,14 @@ def test_at_init_prunes_fresh_weights_and_compares_with_the_trained_model(at_ini
     assert bool(matches.all()) is not at_init and bool(matches.any()) is not at_init
     assert result.report["method"]["at_init"] is at_init
     torch.testing.assert_close(result.original.stem[0].weight, trained)
+
+
+def test_bn_recalibration_can_be_turned_off(tiny_data: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("samplenet").eval()
+    on, off = (compress(model, data=tiny_data, eval_data=tiny_data, method="l1", target=0.3, bench_batches=(),
+                        bn_recalib=n) for n in (16, 0))
+    assert on.report["method"]["bn_recalib_images"] == 16 and "bn_recalib_images" not in off.report["method"]
+    assert off.report["compressed"]["accuracy_before_bn_recalib"] is None
+    assert on.report["compressed"]["accuracy_before_bn_recalib"] == off.report["compressed"]["accuracy"]
+    assert not torch.equal(on.model.stem[1].running_mean, off.model.stem[1].running_mean)
