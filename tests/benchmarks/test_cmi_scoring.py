@@ -27,13 +27,7 @@ from compressor.scoring.selection import greedy_select
 ALPHAS = (2.0, 1.01)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: many small ``eigvalsh`` calls stall in threaded MKL on a busy 2-core host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)
