@@ -1,0 +1,144 @@
+"""One configuration of a benchmark suite, run in its own process so that its peak memory is its own.
+
+``python -m benchmarks._child JOB.json ROW.json`` reads the job written by :mod:`benchmarks.run`, runs
+:func:`compressor.compress` on it and writes one flat result row (atomically). A :class:`CompressorError` (e.g. a
+target the method cannot reach) or any other exception becomes a failed row carrying its one-line message; the
+process still exits 0 so that the suite goes on. ``peak_rss_mib`` is ``getrusage(RUSAGE_SELF).ru_maxrss`` at the end:
+it includes the interpreter, torch and the training set loaded in memory (the same for every configuration).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; a results file is as readable as any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def summarise(report: dict[str, Any], batches: list[int]) -> dict[str, Any]:
+    """The flat row of one report: sizes before/after, top-1 at each stage, latency, efficiency, stage timings.
+
+    Top-1: ``top1_orig`` (original), ``top1_pruned_stale_bn`` (compressed, BatchNorm statistics as inherited),
+    ``top1_pruned`` (after BatchNorm recalibration, before fine-tuning), ``top1_finetuned``.
+
+    ``mac_reduction`` is original MACs / compressed MACs; ``efficiency_b<B>`` is the measured onnxruntime speedup at
+    batch B divided by it (1.0: every removed MAC became saved time).
+    """
+    o, c, m = report["original"], report["compressed"], report["method"]
+    row: dict[str, Any] = {"target_metric": m["target_metric"], "achieved": round(m["achieved"], 4)}
+    for key in ("params", "macs", "filters", "onnx_bytes"):
+        row[f"{key}_orig"], row[key] = o[key], c[key]
+    row.update(top1_orig=o["accuracy"], top1_pruned_stale_bn=c.get("accuracy_before_bn_recalib"),
+               top1_pruned=c.get("accuracy_before_finetune"), top1_finetuned=c["accuracy"])
+    row["mac_reduction"] = round(o["macs"] / c["macs"], 4)
+    for batch in batches:
+        lat = report["latency"].get(str(batch))
+        if lat is None:
+            continue
+        row[f"p50_ms_orig_b{batch}"] = lat["original"]["p50_ms"]
+        row[f"p50_ms_b{batch}"] = lat["compressed"]["p50_ms"]
+        row[f"speedup_b{batch}"] = lat["speedup"]
+        row[f"efficiency_b{batch}"] = round(lat["speedup"] / row["mac_reduction"], 4)
+    row["parity_max_abs_diff"] = report["parity"]["max_abs_diff"]
+    row["ort_device"] = report.get("benchmark", {}).get("device")
+    row["ort_providers"] = report.get("benchmark", {}).get("providers")
+    row.update({f"time_{stage}": seconds for stage, seconds in report["timings"].items()})
+    return row
+
+
+def load_subset(path: str, n: int | None, seed: int) -> Any:
+    """The dataset at ``path``, or ``n`` images of it drawn evenly over the classes (deterministic for ``seed``)."""
+    from compressor.data import calibration_subset, load_dataset
+
+    data = load_dataset(path)
+    return data if n is None else calibration_subset(data, n, seed=seed)
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Compress one configuration; return its row (without status, wall time and memory)."""
+    from compressor import compress
+
+    budget = job["budget"]
+    train = load_subset(job["train"], budget["train_images"], budget["seed"])
+    test = load_subset(job["eval"], budget.get("eval_images"), budget["seed"])
+    result = compress(job["checkpoint"], arch=job["arch"], data=train, eval_data=test,
+                      normalize=job["normalize"], method=job["method"], target=job["target"],
+                      target_metric=job["metric"], epochs=budget["epochs"], lr=budget["lr"],
+                      batch_size=budget["batch_size"], seed=budget["seed"], device=budget["device"],
+                      calib_samples=budget["calib_samples"], bench_batches=tuple(budget["bench_batches"]),
+                      bench_repeats=budget["bench_repeats"], threads=budget["threads"])
+    return {"train_images": len(train), "eval_images": len(test), **summarise(result.report, budget["bench_batches"])}
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average: on a shared machine it says how far wall times can be trusted."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m benchmarks._child JOB.json ROW.json", file=sys.stderr)
+        return 2
+    from compressor.errors import CompressorError
+
+    job = json.loads(Path(argv[0]).read_text())
+    logging.basicConfig(level=logging.INFO, format="    %(message)s", stream=sys.stderr)
+    start, load_start = time.perf_counter(), _load_average()
+    row: dict[str, Any] = {"key": job["key"], "model": job["model"], "method": job["method"],
+                           "target": job["target"], "target_metric": job["metric"]}
+    try:
+        row.update(run_job(job), status="ok", error=None)
+    except CompressorError as exc:
+        row.update(status="failed", error=_one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug in one configuration must not stop the suite; traceback kept
+        traceback.print_exc()
+        row.update(status="failed", error=f"{type(exc).__name__}: {_one_line(exc)}")
+    row.update(wall_s=round(time.perf_counter() - start, 2), peak_rss_mib=peak_rss_mib(),
+               load_1m=[load_start, _load_average()])
+    atomic_write_text(Path(argv[1]), json.dumps(row, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

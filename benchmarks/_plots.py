@@ -1,0 +1,97 @@
+"""PNG plots of a stored suite: top-1 against MACs and onnxruntime latency against MACs, one plot per model.
+
+Each method is one curve through its successful configurations (sorted by MACs); the original model is a black star.
+Latency is plotted relative to the original timed in the same run (1 / speedup), beside the line where latency would
+fall in proportion to MACs: a point above that line has efficiency below 1.
+Needs matplotlib (the ``bench`` extra); :mod:`benchmarks.run` checks for it before running anything.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # after choosing the backend
+
+from ._child import default_file_mode
+from ._render import batches, by_model
+
+MARKERS = "osD^v<>Pp*hX"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Save atomically: render to a temporary file beside ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
+    return path
+
+
+def _curves(rows: list[dict[str, Any]], y_key: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Per method, (MACs in millions, y) sorted by MACs, from the rows that have ``y_key``."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.get(y_key) is not None:
+            curves.setdefault(row["method"], []).append((row["macs"] / 1e6, row[y_key]))
+    return {m: ([x for x, _ in sorted(p)], [y for _, y in sorted(p)]) for m, p in curves.items()}
+
+
+def plot_top1(rows: list[dict[str, Any]], model: str, suite: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (method, (x, y)) in enumerate(_curves(rows, "top1_finetuned").items()):
+        ax.plot(x, [100 * v for v in y], marker=MARKERS[i % len(MARKERS)], label=method)
+    first = rows[0]
+    if first.get("top1_orig") is not None:
+        ax.plot([first["macs_orig"] / 1e6], [100 * first["top1_orig"]], "k*", markersize=12, label="original")
+    ax.set(xlabel="MACs per image (millions)", ylabel="top-1 after fine-tuning (%)",
+           title=f"{model}: top-1 against MACs ({suite} suite)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _relative_latency(rows: list[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
+    """Rows with ``rel`` = compressed p50 / original p50, both timed in that row's own run: absolute times of
+    different rows are not comparable on a shared machine, their ratios are."""
+    return [{**r, "rel": 1.0 / r[f"speedup_b{batch}"]} for r in rows if r.get(f"speedup_b{batch}")]
+
+
+def plot_latency(rows: list[dict[str, Any]], model: str, suite: str, path: Path) -> Path:
+    sizes = batches(rows) or [1]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.2), squeeze=False)
+    macs_orig = rows[0]["macs_orig"] / 1e6
+    for ax, batch in zip(axes[0], sizes):
+        for i, (method, (x, y)) in enumerate(_curves(_relative_latency(rows, batch), "rel").items()):
+            ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], label=method)
+        ax.plot([0, macs_orig], [0, 1], "k:", linewidth=1, label="proportional to MACs")
+        ax.plot([macs_orig], [1.0], "k*", markersize=12, label="original")
+        ax.set(xlabel="MACs per image (millions)", ylabel="p50 latency / original p50 (same run)",
+               title=f"onnxruntime, batch {batch}")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"{model}: latency against MACs ({suite} suite)")
+    return _save(fig, path)
+
+
+def plot_suite(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Both plots for every model of a stored suite that has at least one successful row."""
+    suite = results["meta"]["suite"]
+    written = []
+    for model, rows in by_model([r for r in results["rows"] if r["status"] == "ok"]).items():
+        written.append(plot_top1(rows, model, suite, out_dir / f"top1_vs_macs-{model}.png"))
+        written.append(plot_latency(rows, model, suite, out_dir / f"latency_vs_macs-{model}.png"))
+    return written

@@ -1,0 +1,171 @@
+"""The benchmark suites of ``python -m benchmarks.run``: which models, methods and targets, and with what budget.
+
+A suite is a grid of configurations (model x method x target) and one :class:`Budget` that every configuration of
+the suite shares, so methods are compared at the same fine-tuning cost (same seed, epochs, learning rate and training
+subset) and the same benchmark settings.
+
+``target`` is the fraction *removed* of ``metric``; a metric of None means the method's default (``filters`` for
+channel pruning, ``params`` when a factorisation is involved; ``cmi+tucker`` gives half the target to pruning and
+half to the factorisation). The grid uses the default metric at 0.33 and 0.5, and MACs at 0.5.
+
+Suites:
+
+* ``smoke``: ResNet-20, three methods at 0.5 and ``l1`` at a MAC target; 1 epoch on 1,000 images, top-1 on 500 test
+  images, 128 calibration images. It checks the harness, not the methods.
+* ``cpu``: ResNet-20 and ResNet-56, every method, the full grid; 1 epoch on 10,000 images (class-balanced). Runs
+  target by target (0.33 of each method's default metric first), so an interrupted run (``--resume`` continues it)
+  has compared every method at one budget before it starts the next.
+* ``gpu``: the same grid with a real budget: 30 epochs on all 50,000 images, CUDA (AMP) for fine-tuning.
+* ``sample``: the bundled sample (``samples/``), two methods; seconds, needs no ``../shared``.
+
+Durations measured on 2 CPU cores (AMD EPYC) shared with other jobs; wall times there vary by up to 4x with the load,
+because two OpenMP threads on two busy cores mostly wait for each other. ``smoke``: 2 min 34 s at load ~1.5,
+3 min 51 s at load ~3.5.
+``cpu``: three ResNet-56 configurations took 433-443 s each at load 2-6 (fine-tuning 260-350 s of it), ResNet-20
+configurations about a third of that, so 18 x 440 s + 18 x 150 s = about 3 h on shared cores, about half on idle
+ones. ``gpu``: dominated by 30 epochs x 50,000 images per configuration.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLES = REPO / "samples"
+ALL_METHODS = ("random", "l1", "cmi", "mipp", "tucker", "cmi+tucker")
+FULL_GRID_TARGETS: tuple[tuple[float, str | None], ...] = ((0.33, None), (0.5, None), (0.5, "macs"))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Training and evaluation data of a model, relative to the data root (``--shared``) unless absolute."""
+
+    train: str
+    eval: str
+    normalize: str
+    root: str = "shared"  # "shared" (../shared, overridable) or "repo" (bundled with the project)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A trained checkpoint and the architecture it loads into (None: inferred from the checkpoint)."""
+
+    name: str
+    checkpoint: str
+    arch: str | None
+    data: DataSpec
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every configuration of a suite shares: fine-tuning, calibration and benchmark settings.
+
+    ``train_images`` None means the whole training set; otherwise a class-balanced subset drawn with ``seed``
+    (:func:`compressor.data.calibration_subset`), identical for every configuration of the suite. ``eval_images``
+    likewise subsets the evaluation data (None: all of it).
+    """
+
+    epochs: int
+    train_images: int | None
+    eval_images: int | None = None
+    lr: float = 0.01
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    calib_samples: int = 256
+    bench_batches: tuple[int, ...] = (1, 32)
+    bench_repeats: int = 50
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bench_batches": list(self.bench_batches)}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of a grid: compress ``model`` with ``method`` to ``target`` of ``metric``."""
+
+    model: str
+    method: str
+    target: float
+    metric: str | None = None
+
+    def key(self, metric: str) -> str:
+        """Stable identifier of the row, with the metric resolved (e.g. ``resnet20-l1-filters-0.33``)."""
+        return f"{self.model}-{self.method}-{metric}-{self.target:g}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    budget: Budget
+    grid: tuple[Config, ...]
+    timeout_s: int = 1800  # a configuration running longer is killed and recorded as failed
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(c.model for c in self.grid))
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(c.method for c in self.grid))
+
+
+CIFAR10 = DataSpec(train="data/cifar10/train.npz", eval="data/cifar10/test1000.npz", normalize="imagenet")
+SHAPES = DataSpec(train="shapes_train.npz", eval="shapes_test.npz", normalize="0.5,0.5,0.5/0.5,0.5,0.5", root="repo")
+MODELS = {
+    "resnet20": ModelSpec("resnet20", "models/cifar10-resnet/resnet20-12fca82f.th", "resnet20", CIFAR10),
+    "resnet56": ModelSpec("resnet56", "models/cifar10-resnet/resnet56-4bfd9763.th", "resnet56", CIFAR10),
+    "samplenet": ModelSpec("samplenet", "samplenet.pt", None, SHAPES),
+}
+
+
+def grid(models: Iterable[str], methods: Iterable[str],
+         targets: Iterable[tuple[float, str | None]]) -> tuple[Config, ...]:
+    """Every model x method x (target, metric), in that nesting order."""
+    return tuple(Config(m, meth, t, metric) for m, meth, (t, metric) in itertools.product(models, methods, targets))
+
+
+SUITES = {
+    "smoke": Suite(
+        "smoke", "ResNet-20, three methods, 1 epoch on 1,000 images, top-1 on 500: checks the harness end to end",
+        Budget(epochs=1, train_images=1000, eval_images=500, calib_samples=128, bench_repeats=10), timeout_s=600,
+        grid=grid(["resnet20"], ["l1", "cmi", "tucker"], [(0.5, None)]) + (Config("resnet20", "l1", 0.5, "macs"),)),
+    "cpu": Suite(
+        "cpu", "ResNet-20 and ResNet-56, every method, 1 epoch on 10,000 images (CPU)",
+        Budget(epochs=1, train_images=10000, bench_repeats=50), timeout_s=1800,
+        grid=tuple(c for target in FULL_GRID_TARGETS for c in grid(["resnet20", "resnet56"], ALL_METHODS, [target]))),
+    "gpu": Suite(
+        "gpu", "ResNet-20 and ResNet-56, every method, 30 epochs on all 50,000 images (CUDA with AMP)",
+        Budget(epochs=30, train_images=None, device="cuda", bench_repeats=100), timeout_s=4 * 3600,
+        grid=grid(["resnet20", "resnet56"], ALL_METHODS, FULL_GRID_TARGETS)),
+    "sample": Suite(
+        "sample", "The bundled sample network on the bundled shapes data: tries the harness without ../shared",
+        Budget(epochs=1, train_images=200, batch_size=64, calib_samples=64, bench_batches=(1, 8), bench_repeats=3),
+        timeout_s=300, grid=grid(["samplenet"], ["random", "l1"], [(0.33, None), (0.5, "macs")])),
+}
+SUITE_ORDER = ("cpu", "gpu", "smoke", "sample")  # order of the sections of docs/RESULTS.md
+README_SUITES = ("cpu", "gpu")  # the README shows the first of these stored: smoke numbers are no advertisement
+
+
+def data_root(spec: DataSpec, shared: Path) -> Path:
+    return shared if spec.root == "shared" else SAMPLES
+
+
+def filter_grid(suite: Suite, *, models: list[str] | None = None, methods: list[str] | None = None,
+                targets: list[tuple[float, str | None]] | None = None) -> tuple[Config, ...]:
+    """The suite's grid restricted to the given models / methods / (target, metric) pairs (None keeps all).
+
+    A pair's metric None matches any metric; ``"default"`` matches the configurations using the method's default.
+    """
+    return tuple(c for c in suite.grid
+                 if (models is None or c.model in models) and (methods is None or c.method in methods)
+                 and (targets is None or any(abs(c.target - t) < 1e-9 and (m is None or (c.metric or "default") == m)
+                                             for t, m in targets)))

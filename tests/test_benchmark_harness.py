@@ -1,0 +1,170 @@
+"""The benchmark harness (``python -m benchmarks.run``) end to end on the bundled sample: no ../shared, seconds.
+
+A tiny suite (two methods that succeed, one unreachable target, one unregistered method) runs through the real CLI
+entry point, one process per configuration; the test then checks every file it writes and re-renders them from the
+stored JSON alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import _render
+from benchmarks import run as bench_run
+from benchmarks._suites import Budget, Config, Suite
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+TINY = Suite(
+    "tiny", "Two methods on the bundled sample",
+    Budget(epochs=1, train_images=100, eval_images=100, batch_size=50, calib_samples=32, bench_batches=(1, 4),
+           bench_repeats=2),
+    grid=(Config("samplenet", "l1", 0.4), Config("samplenet", "random", 0.4),
+          Config("samplenet", "random", 0.97),  # unreachable with min_keep 0.1: a failed row, the suite goes on
+          Config("samplenet", "no-such-method", 0.4)),  # not registered: skipped with a note
+    timeout_s=300)
+README_TEXT = "# project\n\nintro\n\n## Results\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\n## After\n"
+
+
+def _args(tmp: Path) -> list[str]:
+    return ["--results-dir", str(tmp / "results"), "--docs", str(tmp / "docs" / "RESULTS.md"),
+            "--readme", str(tmp / "README.md"), "--readme-suite", "tiny"] + ([] if HAS_MATPLOTLIB else ["--no-plots"])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("bench")
+    (tmp / "README.md").write_text(README_TEXT)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench_run.SUITES, "tiny", TINY)
+        mp.setenv("OMP_NUM_THREADS", "1")  # inherited by each configuration's process: a tiny net gains nothing
+        # from a second thread, and loses a lot when the cores are shared with other work
+        assert bench_run.main(["--suite", "tiny", *_args(tmp)]) == 0
+    return tmp
+
+
+def _stored(tmp: Path) -> dict[str, Any]:
+    return json.loads((tmp / "results" / "tiny" / "results.json").read_text())
+
+
+def test_rows_record_every_measure_and_the_failure(tiny_run: Path) -> None:
+    stored = _stored(tiny_run)
+    meta, rows = stored["meta"], stored["rows"]
+    assert meta["complete"] and meta["suite"] == "tiny" and meta["budget"]["train_images"] == 100
+    assert meta["command"].startswith("python -m benchmarks.run --suite tiny")
+    assert any("no-such-method: not registered" in n for n in meta["notes"])
+    assert meta["versions"]["torch"] and meta["machine"]["cpu_count"]
+    assert [(r["method"], r["target"], r["status"]) for r in rows] == [
+        ("l1", 0.4, "ok"), ("random", 0.4, "ok"), ("random", 0.97, "failed")]
+    failed = rows[2]
+    assert "not reachable" in failed["error"] and "\n" not in failed["error"]
+    for row in rows[:2]:
+        assert row["key"] == f"samplenet-{row['method']}-filters-0.4" and row["target_metric"] == "filters"
+        assert abs(row["achieved"] - 0.4) <= 0.02 and row["train_images"] == row["eval_images"] == 100
+        assert row["params"] < row["params_orig"] and row["macs"] < row["macs_orig"]
+        assert row["filters"] < row["filters_orig"] and row["onnx_bytes"] < row["onnx_bytes_orig"]
+        for key in ("top1_orig", "top1_pruned", "top1_finetuned"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["top1_orig"] > 0.8  # the sample network is trained
+        assert row["mac_reduction"] == pytest.approx(row["macs_orig"] / row["macs"], rel=1e-3)
+        for batch in (1, 4):
+            assert row[f"p50_ms_orig_b{batch}"] > 0 and row[f"p50_ms_b{batch}"] > 0
+            assert row[f"efficiency_b{batch}"] == pytest.approx(row[f"speedup_b{batch}"] / row["mac_reduction"],
+                                                                abs=1e-3)
+        assert {"time_compress", "time_finetune", "time_export", "time_benchmark"} <= set(row)
+        assert row["peak_rss_mib"] > 50 and row["wall_s"] > 0 and len(row["load_1m"]) == 2
+
+
+def test_csv_holds_the_same_rows(tiny_run: Path) -> None:
+    rows = _stored(tiny_run)["rows"]
+    with (tiny_run / "results" / "tiny" / "results.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["key"] for r in table] == [r["key"] for r in rows]
+    assert {"efficiency_b1", "efficiency_b4", "peak_rss_mib", "error"} <= set(table[0])
+    for line, row in zip(table, rows):
+        if row["status"] == "ok":
+            assert math.isclose(float(line["efficiency_b4"]), row["efficiency_b4"])
+            assert int(line["macs"]) == row["macs"]
+    assert "not reachable" in table[2]["error"] and table[2]["efficiency_b1"] == ""
+
+
+def test_results_page_and_readme_are_generated_from_the_rows(tiny_run: Path) -> None:
+    rows = _stored(tiny_run)["rows"]
+    page = (tiny_run / "docs" / "RESULTS.md").read_text()
+    assert "## Suite `tiny`" in page and "python -m benchmarks.run --suite tiny" in page
+    assert "efficiency b1" in page and "efficiency b4" in page and "peak MiB" in page
+    assert "Machine: " in page and "torch 2." in page and "100 training images" in page
+    assert "top-1 on 100 evaluation images" in page
+    for row in rows[:2]:
+        assert f"| `{row['method']}` | 0.4 of filters | {row['achieved']:.2f} |" in page
+        assert f"{row['efficiency_b4']:.2f}" in page
+    assert f"`random` at 0.97 of filters: {rows[2]['error']}" in page
+    assert "no-such-method: not registered" in page
+    readme = (tiny_run / "README.md").read_text()
+    head, block = readme.split("<!-- results:start -->")
+    block, tail = block.split("<!-- results:end -->")
+    assert head == README_TEXT.split("<!-- results:start -->")[0] and tail == "\n\n## After\n"
+    assert "old" not in block and "[docs/RESULTS.md](docs/RESULTS.md)" in block and "**samplenet**" in block
+    assert f"{rows[0]['efficiency_b4']:.2f}" in block and "1 configuration(s) failed" in block
+    plots = sorted(p.name for p in (tiny_run / "results" / "tiny").glob("*.png"))
+    if HAS_MATPLOTLIB:
+        assert plots == ["latency_vs_macs-samplenet.png", "top1_vs_macs-samplenet.png"]
+        assert "](../results/tiny/top1_vs_macs-samplenet.png)" in page
+
+
+def test_render_only_rebuilds_the_same_files_from_json(tiny_run: Path) -> None:
+    outputs = [tiny_run / "docs" / "RESULTS.md", tiny_run / "results" / "tiny" / "results.csv", tiny_run / "README.md"]
+    before = [p.read_text() for p in outputs]
+    outputs[0].unlink()
+    outputs[1].unlink()
+    assert bench_run.main(["--render-only", *_args(tiny_run)]) == 0
+    assert [p.read_text() for p in outputs] == before
+
+
+def test_missing_shared_files_skip_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = bench_run.main(["--suite", "smoke", "--shared", str(tmp_path / "nowhere"), *_args(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0 and "skipped resnet20: checkpoint" in err and "--shared DIR" in err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "docs").exists()
+
+
+def test_missing_matplotlib_is_one_actionable_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(["--suite", "smoke", "--results-dir", str(tmp_path)])
+    assert str(exc.value) == bench_run.BENCH_EXTRA and 'pip install -e ".[bench]"' in str(exc.value)
+
+
+def test_resume_keeps_only_successful_rows_of_the_same_budget(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    budget = TINY.budget.to_dict()
+    rows = [{"key": "a", "status": "ok"}, {"key": "b", "status": "failed", "error": "x"}]
+    path.write_text(json.dumps({"meta": {"budget": budget}, "rows": rows}))
+    assert set(bench_run._previous_rows(path, budget)) == {"a"}
+    assert bench_run._previous_rows(path, {**budget, "epochs": 2}) == {}
+
+
+def test_readme_without_markers_is_refused(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="results:start"):
+        _render.write_readme_block("tiny", {"meta": {}, "rows": []}, readme, tmp_path / "RESULTS.md")
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_a_partial_run_never_replaces_stored_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    stored = tmp_path / "results" / "tiny" / "results.json"
+    stored.parent.mkdir(parents=True)
+    stored.write_text('{"meta": {}, "rows": []}')
+    monkeypatch.setitem(bench_run.SUITES, "tiny", TINY)
+    assert bench_run.main(["--suite", "tiny", "--methods", "l1", *_args(tmp_path)]) == 2
+    assert "pass --results-dir" in capsys.readouterr().err
+    assert stored.read_text() == '{"meta": {}, "rows": []}'
