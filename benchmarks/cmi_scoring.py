@@ -7,8 +7,9 @@ Three measurements, written to ``benchmarks/results/cmi_scoring.json`` and print
    {64, ..., 1024} at C = 64 and C in {16, ..., 512} at N = 256. Variants, all from the raw features, float64:
 
    - ``library_a2`` / ``library_a1.01``: the library's batched implementation (:func:`library_greedy`: Gram
-     matrices built once, then each greedy step scores every candidate in one :func:`score_candidates` call, the
-     Frobenius shortcut at α = 2, one batched ``eigvalsh`` at α = 1.01); ``library_gram``: its Gram build alone;
+     matrices built once, a chunk of channels at a time, then each greedy step scores every candidate in one
+     :func:`score_candidates` call, the Frobenius shortcut at α = 2 on squares computed once, ``eigvalsh`` in
+     batches of 8 candidates at α = 1.01); ``library_gram``: its Gram build alone;
    - ``naive``: the straightforward reference (:func:`naive_greedy`), as in the paper's public code: for every step
      and every candidate it rebuilds the candidate's Gram matrix from its features, forms the joint Hadamard product
      and calls ``torch.linalg.eigvalsh`` on one matrix at a time. It decomposes at any α, so its cost does not depend
@@ -175,13 +176,15 @@ def naive_greedy(x: torch.Tensor, y: torch.Tensor, *, alpha: float, steps: int, 
 
 
 def library_greedy(x: torch.Tensor, y: torch.Tensor, *, alpha: float, steps: int, classes: int = CLASSES) -> Trace:
-    """The library's greedy steps from raw features: all Gram matrices at once, then one batched
-    :func:`score_candidates` call per step (the loop of :func:`compressor.scoring.selection.greedy_select`)."""
+    """The library's greedy steps from raw features: the Gram matrices (built a chunk of channels at a time), at
+    α = 2 their squares once, then one batched :func:`score_candidates` call per step on the channels left, by index
+    (the loop of :func:`compressor.scoring.selection.greedy_select`)."""
     grams = gram_matrix(x)
+    squares = grams.square() if alpha == 2.0 else None
     a_y = label_gram(y, classes, dtype=x.dtype).to(x.device)
     left, order, information, run = list(range(x.shape[0])), [], [], None
     for _ in range(min(steps, x.shape[0])):
-        scores = score_candidates(run, grams[left], a_y, alpha=alpha)
+        scores = score_candidates(run, grams, a_y, alpha=alpha, candidates=left, squares=squares)
         best = int(torch.argmax(scores))
         information.append(float(scores[best]))
         order.append(left.pop(best))

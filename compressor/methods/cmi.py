@@ -45,7 +45,7 @@ from ..pruning import engine
 from ..pruning.engine import PruningGroup, floor_keep, full_tp_group
 from ..pruning.scorers import Scorer, ScoringContext, ScoringResult, register_scorer
 from ..scoring import selection as sel
-from ..scoring.mutual_info import check_saturation, gram_matrix, kernel_width, label_gram
+from ..scoring.mutual_info import check_saturation, gram_matrix, label_gram
 
 CONDITIONS = ("layer", "full", "compact")
 CUTOFFS = ("target", "scree", "permutation")
@@ -254,9 +254,11 @@ class _Grams:
     def __call__(self, root: str) -> torch.Tensor:
         x = self.feats[root].to(self.device, torch.float64)
         width = self.opts.kernel_width
-        sigma = kernel_width(x, rule=width) if isinstance(width, str) else torch.full(x.shape[:1], float(width),
-                                                                                    dtype=x.dtype)
-        grams = gram_matrix(x, sigma=sigma.to(x.device))
+        # A rule's widths come from the distances the kernel needs anyway (one pass over the channels, a chunk at
+        # a time: see gram_matrix), as kernel_width(x, rule=width) would give them.
+        sigma_in = width if isinstance(width, str) else torch.full(x.shape[:1], float(width), dtype=x.dtype,
+                                                                   device=x.device)
+        grams, sigma = gram_matrix(x, sigma=sigma_in, return_sigma=True)
         if root not in self.sigmas:  # once per group, however many passes
             self.sigmas[root] = sigma.cpu()
             self.saturated[root] = int(check_saturation(grams, sigma=sigma, what=f"layer {root}").sum())

@@ -4,7 +4,8 @@ Each variable (one channel's flattened feature map over N calibration samples, o
 N×N Gram matrix normalised to unit trace; entropies are functionals of its eigenvalues, and a *set* of variables is
 the Hadamard product of their Gram matrices. No densities are estimated. Everything here is stateless, works on
 whatever device and floating dtype its inputs have, and is batched over leading dimensions so that all candidates of
-one greedy step of ``--method cmi`` (issue 3) are scored in one tensor operation (:func:`score_candidates`).
+one greedy step of ``--method cmi`` (issue 3) are scored together (:func:`score_candidates`: one matrix product at
+α = 2, a few batched ``eigvalsh`` calls otherwise).
 
 References
 ----------
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -149,7 +151,13 @@ def _as_sigma(x: torch.Tensor, d2: torch.Tensor, sigma: float | torch.Tensor | W
     return s
 
 
-def gram_matrix(x: torch.Tensor, *, sigma: float | torch.Tensor | WidthRule = "median") -> torch.Tensor:
+def gram_matrix(
+    x: torch.Tensor,
+    *,
+    sigma: float | torch.Tensor | WidthRule = "median",
+    chunk_size: int | None = None,
+    return_sigma: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Unit-trace Gaussian Gram matrix of each variable.
 
     ``K_ij = exp(-||x_i - x_j||² / (2σ²))`` and ``A = K / N``, so ``A_ii = 1/N`` and ``tr A = 1`` [1]_.
@@ -161,16 +169,71 @@ def gram_matrix(x: torch.Tensor, *, sigma: float | torch.Tensor | WidthRule = "m
     sigma : float, torch.Tensor or {"median", "silverman"}
         Kernel width: a number, a tensor broadcastable to ``x.shape[:-2]`` (one width per variable), or a rule
         name passed to :func:`kernel_width`.
+    chunk_size : int, optional
+        Variables built per step (see Notes); ``None`` fits :data:`GRAM_CHUNK_BYTES` of Gram matrices per step
+        (2 MiB on a CPU: 4 matrices at N = 256 in float64, 1 from N = 512). Any value gives the same result.
+    return_sigma : bool
+        Also return the widths used, shape ``x.shape[:-2]`` (what ``kernel_width(x, rule=sigma)`` returns for a
+        rule), so that a caller needing both computes the pairwise distances once.
 
     Returns
     -------
-    torch.Tensor
-        Shape ``(..., N, N)``, symmetric positive semi-definite, unit trace.
+    torch.Tensor or tuple of (torch.Tensor, torch.Tensor)
+        Shape ``(..., N, N)``, symmetric positive semi-definite, unit trace; with ``return_sigma`` also σ.
+
+    Notes
+    -----
+    The Gram matrices of a batch are built a chunk of variables at a time into one preallocated ``(..., N, N)``
+    output: distances, median width and kernel of a whole ``(C, N, N)`` stack at once need about three stacks of
+    temporaries, which saturate memory bandwidth on a CPU (2-3x slower at N = 256, C = 64..512 and at N = 1024, one
+    thread; ``benchmarks/cmi_scoring.py``) and triple the peak memory. Each variable's matrix is computed exactly as
+    in the batched formula. Inputs that require grad take the batched formula (the chunks are written in place).
     """
-    d2 = pairwise_sq_dists(x)
-    s = _as_sigma(x, d2, sigma)
-    k = torch.exp(-d2 / (2.0 * s * s)[..., None, None])
-    return k / x.shape[-2]
+    _check_samples(x)
+    n = x.shape[-2]
+    batch = x.shape[:-2]
+    rule = sigma if isinstance(sigma, str) else None
+    if rule is not None and rule not in _WIDTH_RULES:
+        raise InputError(f"unknown kernel-width rule {rule!r}; use one of {', '.join(_WIDTH_RULES)}")
+    if rule == "silverman":
+        s_all: torch.Tensor | None = kernel_width(x, rule="silverman")
+    elif rule is None:
+        s_all = _as_sigma(x, x.new_zeros(()), sigma)
+        s_all = s_all.expand(batch) if s_all.ndim <= len(batch) else s_all  # a wrong shape fails as before
+    else:
+        s_all = None  # "median": per chunk, from the distances the kernel needs anyway
+    if not batch or (s_all is not None and s_all.shape != batch) or (x.requires_grad and torch.is_grad_enabled()):
+        # Unbatched (or a width shaped beyond the batch, which broadcasts into the output): the plain formula.
+        d2 = pairwise_sq_dists(x)
+        s = _as_sigma(x, d2, sigma) if s_all is None else s_all
+        k = torch.exp(-d2 / (2.0 * s * s)[..., None, None]) / n
+        return (k, s) if return_sigma else k
+    flat = x.reshape(-1, n, x.shape[-1])
+    count = flat.shape[0]
+    out = torch.empty((count, n, n), dtype=x.dtype, device=x.device)
+    widths = torch.empty(count, dtype=x.dtype, device=x.device)
+    s_flat = None if s_all is None else s_all.reshape(count)
+    step = max(int(chunk_size or _gram_chunk(n, x)), 1)
+    for start in range(0, count, step):
+        part = slice(start, min(start + step, count))
+        d2 = pairwise_sq_dists(flat[part])
+        s = _median_width(d2) if s_flat is None else s_flat[part]
+        widths[part] = s
+        # -d2 / (2σ²) of the batched formula, in place: (-a) / b and a / (-b) round alike.
+        torch.exp(d2.div_(-(2.0 * s * s)[..., None, None]), out=out[part])
+    out.div_(n)
+    out = out.reshape(*batch, n, n)
+    return (out, widths.reshape(batch)) if return_sigma else out
+
+
+#: Bytes of Gram matrices built per step by :func:`gram_matrix` on a CPU (a few cache-sized matrices: one at
+#: N >= 512 in float64) and on other devices (large batches keep an accelerator busy).
+GRAM_CHUNK_BYTES = {"cpu": 2 * 2**20, "other": 256 * 2**20}
+
+
+def _gram_chunk(n: int, x: torch.Tensor) -> int:
+    budget = GRAM_CHUNK_BYTES["cpu" if x.device.type == "cpu" else "other"]
+    return max(1, budget // (n * n * x.element_size()))
 
 
 def label_gram(
@@ -387,12 +450,15 @@ def score_candidates(
     *,
     alpha: float,
     chunk_size: int | None = None,
+    candidates: Sequence[int] | torch.Tensor | None = None,
+    squares: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score every candidate of one greedy step: ``I_α(Y; base ∪ c)`` for each candidate c, batched.
 
     ``score_c = S_α(B ∘ A_c) + S_α(Y) - S_α(B ∘ A_c ∘ Y)``, with ``B`` the running joint Gram of the conditioning and
-    already selected variables ([3]_, greedy forward selection). The ``2C`` entropies are computed by one batched
-    ``eigvalsh`` (or, for ``alpha == 2``, Frobenius norms from one matrix product) on the inputs' device.
+    already selected variables ([3]_, greedy forward selection). For ``alpha == 2`` the ``2C`` entropies are Frobenius
+    norms from one matrix product; otherwise they come from batched ``eigvalsh`` calls of ``chunk_size`` candidates,
+    on the inputs' device.
 
     Parameters
     ----------
@@ -405,22 +471,49 @@ def score_candidates(
     alpha : float
         Rényi order, see :func:`renyi_entropy`.
     chunk_size : int, optional
-        Score at most this many candidates per batched call to bound memory (about ``2 · chunk · N²`` values);
-        ``None`` scores all ``C`` at once.
+        Score at most this many candidates per batched call to bound memory (about ``2 · chunk · N²`` values).
+        ``None``: all at once at ``alpha == 2``; on the eigenvalue path a few (:data:`EIG_CHUNK`: 8 on a CPU up
+        to N = 256 in float64, fewer above, where a batched ``eigvalsh`` is no faster than one matrix at a time
+        and the whole batch's temporaries are about 8.5 Gram stacks; 64 on a GPU). The chunking does not change
+        the result.
+    candidates : sequence of int or torch.Tensor, optional
+        Indices into ``a_candidates`` of the candidates to score, in this order (default: all). The same as passing
+        ``a_candidates[candidates]``, without copying the stack: a greedy step passes the channels still left.
+    squares : torch.Tensor, optional
+        ``a_candidates.square()``, computed once by a caller that scores the same stack many times (a greedy
+        selection); used at ``alpha == 2`` only. Its rows are then weighted all at once, the selected ones included,
+        which reads the stack once instead of copying and squaring the candidates at every step.
 
     Returns
     -------
     torch.Tensor
-        Scores of shape ``(C,)``, equal to ``mutual_information(joint_gram(a_base, a_candidates[c]), a_y)``.
-        Since ``I(Y; B ∪ c) = I(Y; B) + I(Y; c | B)``, the argmax is also the candidate of largest CMI given B.
+        Scores of shape ``(C,)`` (``(len(candidates),)``), equal to
+        ``mutual_information(joint_gram(a_base, a_candidates[c]), a_y)``. Since
+        ``I(Y; B ∪ c) = I(Y; B) + I(Y; c | B)``, the argmax is also the candidate of largest CMI given B.
     """
     if a_candidates.ndim != 3:
         raise ValueError(f"a_candidates must have shape (C, N, N); got {tuple(a_candidates.shape)}")
+    if squares is not None and squares.shape != a_candidates.shape:
+        raise ValueError(f"squares must have the shape of a_candidates {tuple(a_candidates.shape)}; "
+                         f"got {tuple(squares.shape)}")
     alpha = _check_alpha(alpha)
     s_y = renyi_entropy(a_y, alpha=alpha)
-    step = chunk_size or max(a_candidates.shape[0], 1)
+    index = None if candidates is None else torch.as_tensor(candidates, dtype=torch.long).reshape(-1)
+    count = a_candidates.shape[0] if index is None else index.numel()
+    if count == 0:
+        return a_candidates.new_zeros(0)
+    if alpha == 2.0 and squares is not None:
+        return _score_frobenius(a_base, a_candidates, a_y, squares=squares, index=index) + s_y
+    if alpha == 2.0:
+        step = chunk_size or count
+    else:
+        step = chunk_size or _eig_chunk(a_candidates)
     out = []
-    for chunk in a_candidates.split(step):
+    for start in range(0, count, step):
+        if index is None:
+            chunk = a_candidates[start: start + step]
+        else:
+            chunk = a_candidates[index[start: start + step].to(a_candidates.device)]
         if alpha == 2.0:
             out.append(_score_frobenius(a_base, chunk, a_y) + s_y)
             continue
@@ -428,21 +521,39 @@ def score_candidates(
         both = torch.stack((joint, joint_gram(joint, a_y)))  # (2, c, N, N): one batched decomposition
         s = _renyi_entropy_eig(both, alpha)
         out.append(s[0] + s_y - s[1])
-    return torch.cat(out) if out else a_candidates.new_zeros(0)
+    return torch.cat(out)
 
 
-def _score_frobenius(a_base: torch.Tensor | None, cands: torch.Tensor, a_y: torch.Tensor) -> torch.Tensor:
+#: Default candidates per ``eigvalsh`` batch of :func:`score_candidates` on a CPU and on other devices, at most
+#: and within a budget of bytes per batch of candidate Grams: 8 on a CPU up to N = 256 in float64, 2 at N = 512
+#: and 1 from N = 724 (smaller batches were no slower, one thread); 64 on a GPU up to N = 1024.
+EIG_CHUNK = {"cpu": 8, "other": 64}
+EIG_CHUNK_BYTES = {"cpu": 4 * 2**20, "other": 512 * 2**20}
+
+
+def _eig_chunk(a: torch.Tensor) -> int:
+    kind = "cpu" if a.device.type == "cpu" else "other"
+    return max(1, min(EIG_CHUNK[kind], EIG_CHUNK_BYTES[kind] // (a.shape[-1] ** 2 * a.element_size())))
+
+
+def _score_frobenius(a_base: torch.Tensor | None, cands: torch.Tensor, a_y: torch.Tensor, *,
+                     squares: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
     """``S_2(B∘A_c) - S_2(B∘A_c∘Y)`` for all c without forming the joints (``score_candidates`` at α = 2).
 
     ``||B∘A_c||_F² = <A_c∘A_c, B∘B>`` and ``tr(B∘A_c) = <diag A_c, diag B>``, and likewise with ``B∘Y`` in place of
     B, so both entropies of every candidate come from one ``(C, N²) @ (N², 2)`` product and one ``(C, N) @ (N, 2)``.
+    With ``squares`` (``cands ∘ cands``) the products run over all its rows and ``index`` picks the candidates'.
     """
     b = torch.ones_like(a_y) if a_base is None else a_base
     by = b * a_y
     weights = torch.stack((b * b, by * by)).flatten(1).to(cands.dtype)  # (2, N²)
-    sq_norms = cands.flatten(1).square() @ weights.T  # (C, 2)
+    sq = cands.flatten(1).square() if squares is None else squares.flatten(1)
+    sq_norms = sq @ weights.T  # (C, 2)
     diags = torch.stack((b.diagonal(), by.diagonal())).to(cands.dtype)  # (2, N)
     traces = cands.diagonal(dim1=-2, dim2=-1) @ diags.T  # (C, 2)
+    if index is not None:
+        index = index.to(sq_norms.device)
+        sq_norms, traces = sq_norms[index], traces[index]
     s = -torch.log2(sq_norms / traces**2)
     return s[:, 0] - s[:, 1]
 

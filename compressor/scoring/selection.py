@@ -164,11 +164,12 @@ def greedy_select(
     Duplicated channels (:func:`representatives`) are ranked last, after every distinct channel, in the order of
     the channels they copy; they add nothing, so the curve is 0 there and "all" above means the representatives.
     """
-    own = score_candidates(base, grams, a_y, alpha=alpha, chunk_size=chunk_size).cpu()
+    squares = grams.square() if float(alpha) == 2.0 else None  # once per layer: every step weights its rows
+    own = score_candidates(base, grams, a_y, alpha=alpha, chunk_size=chunk_size, squares=squares).cpu()
     rep = representatives(grams, own)
     reps = [c for c in range(grams.shape[0]) if int(rep[c]) == c]
     order, remaining, sufficient = _forward(grams, reps, a_y, base=base, alpha=alpha, own=own,
-                                            chunk_size=chunk_size)
+                                            chunk_size=chunk_size, squares=squares)
     position = {c: i for i, c in enumerate(order)}
     copies = sorted((c for c in range(grams.shape[0]) if int(rep[c]) != c), key=lambda c: (position[int(rep[c])], c))
     remaining += [0.0] * len(copies)
@@ -176,17 +177,20 @@ def greedy_select(
 
 
 def _forward(grams: torch.Tensor, channels: list[int], a_y: torch.Tensor, *, base: torch.Tensor | None,
-             alpha: float, own: torch.Tensor, chunk_size: int | None) -> tuple[list[int], list[float], int]:
+             alpha: float, own: torch.Tensor, chunk_size: int | None,
+             squares: torch.Tensor | None = None) -> tuple[list[int], list[float], int]:
     """Greedy selection over ``channels`` up to the sufficient set, then the rest by ``own`` relevance (see
-    :func:`greedy_select`). Returns the order, the curve and the size of the sufficient set."""
+    :func:`greedy_select`). Returns the order, the curve and the size of the sufficient set. Each step scores the
+    channels left by their indices into ``grams`` (and ``squares = grams.square()`` at α = 2), never a copy."""
     mi_base = set_information(base, a_y, alpha=alpha)
-    mi_all = set_information(joint_gram(base, *grams[channels]), a_y, alpha=alpha)
+    mi_all = set_information(joint_gram(base, *(grams[c] for c in channels)), a_y, alpha=alpha)  # views, no copy
     order: list[int] = []
     remaining = [mi_all - mi_base]
     left = list(channels)
     run, mi_run = base, mi_base
     while left and not _exhausted(mi_all, mi_run, mi_base):
-        scores = score_candidates(run, grams[left], a_y, alpha=alpha, chunk_size=chunk_size)
+        scores = score_candidates(run, grams, a_y, alpha=alpha, chunk_size=chunk_size, candidates=left,
+                                  squares=squares)
         best = int(torch.argmax(scores))
         order.append(left.pop(best))
         run, mi_run = joint_gram(run, grams[order[-1]]), float(scores[best])

@@ -17,7 +17,15 @@ from compressor.models import create_model
 from compressor.pruning import engine
 from compressor.pruning.scorers import ScoringContext, get_scorer
 from compressor.scoring import selection as sel
-from compressor.scoring.mutual_info import SaturationWarning, gram_matrix, label_gram
+from compressor.scoring.mutual_info import (
+    SaturationWarning,
+    gram_matrix,
+    joint_gram,
+    kernel_width,
+    label_gram,
+    pairwise_sq_dists,
+    score_candidates,
+)
 
 
 def planted(*, seed: int = 1, n: int = 256, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -95,6 +103,62 @@ def test_conditioning_moves_known_information_down_the_ranking() -> None:
     chosen = sel.greedy_select(grams, a_y, base=base)
     assert set(chosen.order[:2].tolist()) == set(inf[2:])
     assert float(chosen.remaining[0]) < float(sel.greedy_select(grams, a_y).remaining[0])
+
+
+def _reference_greedy_prefix(grams: torch.Tensor, a_y: torch.Tensor, channels: list[int], steps: int, *,
+                             base: torch.Tensor | None, alpha: float) -> tuple[list[int], list[torch.Tensor]]:
+    """The greedy steps as first written: every step copies the candidates left (``grams[left]``) and, at α = 2,
+    squares them again inside score_candidates."""
+    left, order, all_scores, run = list(channels), [], [], base
+    for _ in range(steps):
+        scores = score_candidates(run, grams[left], a_y, alpha=alpha)
+        all_scores.append(scores)
+        best = int(torch.argmax(scores))
+        order.append(left.pop(best))
+        run = joint_gram(run, grams[order[-1]])
+    return order, all_scores
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.01])
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_greedy_steps_by_index_and_squares_score_as_the_copying_steps(
+    alpha: float, conditioned: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, y, _ = planted(seed=3)
+    grams, a_y = _grams(x, y)
+    base = sel.geometric_joint(sel.log_kernels(grams[[3]]).sum(0), 1) if conditioned else None
+    seen: list[torch.Tensor] = []
+    real = sel.score_candidates
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        if alpha == 2.0:  # the squared stack is computed once and passed to every step
+            assert kwargs["squares"] is not None and kwargs["squares"].shape == grams.shape
+        return out
+
+    monkeypatch.setattr(sel, "score_candidates", spy)
+    chosen = sel.greedy_select(grams, a_y, base=base, alpha=alpha)
+    reps = [c for c in range(12) if c not in (5, 11)]  # 5 and 11 copy 3 and 9 (see planted)
+    order, scores = _reference_greedy_prefix(grams, a_y, reps, chosen.sufficient, base=base, alpha=alpha)
+    assert chosen.order[: chosen.sufficient].tolist() == order
+    assert len(seen) == 1 + chosen.sufficient  # relevance, then one call per greedy step
+    for got, expected in zip(seen[1:], scores):
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("width", ["median", "silverman", 0.8])
+def test_gram_build_equals_widths_then_batched_grams(width: str | float) -> None:
+    """``_Grams`` builds each layer's Grams a chunk of channels at a time, with the widths kernel_width gives."""
+    x, _, _ = planted()
+    grams = cmi._Grams({"g": x}, cmi.parse_options({"cmi_kernel_width": width}), torch.device("cpu"))
+    g = grams("g")
+    sigma = (kernel_width(x, rule=width) if isinstance(width, str)
+             else torch.full((12,), float(width), dtype=torch.float64))
+    torch.testing.assert_close(grams.sigmas["g"], sigma, rtol=0.0, atol=0.0)
+    d2 = pairwise_sq_dists(x)
+    torch.testing.assert_close(g, torch.exp(-d2 / (2.0 * sigma * sigma)[:, None, None]) / x.shape[1],
+                               rtol=0.0, atol=1e-15)
 
 
 def test_keep_at_is_monotone_floored_and_rounded() -> None:

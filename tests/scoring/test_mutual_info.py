@@ -276,6 +276,90 @@ def test_planted_informative_noise_and_duplicates(alpha: float, seed: int) -> No
     assert int(gain[1:].argmax()) + 1 == 1  # the greedy step picks B, not the copy nor noise
 
 
+def _unchunked_gram(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The batched formula of ``gram_matrix``, all variables at once (before it was built a chunk at a time)."""
+    d2 = pairwise_sq_dists(x)
+    return torch.exp(-d2 / (2.0 * sigma * sigma)[..., None, None]) / x.shape[-2]
+
+
+@pytest.mark.parametrize("shape", [(7, 40, 3), (2, 3, 33, 5), (1, 64, 16), (13, 130, 4)])
+@pytest.mark.parametrize("rule", ["median", "silverman", "fixed", "per-variable"])
+def test_chunked_gram_equals_the_unchunked_formula(shape: tuple[int, ...], rule: str) -> None:
+    x = _randn(*shape, seed=len(shape))
+    batch = shape[:-2]
+    sigma = {"median": kernel_width(x), "silverman": kernel_width(x, rule="silverman"), "fixed": torch.tensor(
+        1.7, dtype=F64), "per-variable": torch.linspace(0.5, 3.0, math.prod(batch), dtype=F64).reshape(batch)}[rule]
+    arg = rule if rule in ("median", "silverman") else sigma
+    expected = _unchunked_gram(x, sigma)
+    for chunk in (None, 1, 2, 5, 1000):
+        got, widths = gram_matrix(x, sigma=arg, chunk_size=chunk, return_sigma=True)
+        assert got.shape == expected.shape and widths.shape == batch
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-15)
+        torch.testing.assert_close(widths, sigma.expand(batch), rtol=0.0, atol=0.0)
+    for unbatched in (x.reshape(-1, *shape[-2:])[0], _randn(1, 50, 2)[0]):  # (N, D): the plain formula
+        g, w = gram_matrix(unbatched, return_sigma=True)
+        torch.testing.assert_close(g, _unchunked_gram(unbatched, kernel_width(unbatched)), rtol=0.0, atol=0.0)
+        assert w.shape == ()
+
+
+def test_gram_of_inputs_that_require_grad_is_differentiable() -> None:
+    x = _randn(3, 20, 2).requires_grad_()
+    g = gram_matrix(x)
+    g.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        torch.testing.assert_close(gram_matrix(x), g.detach(), rtol=0.0, atol=0.0)
+
+
+def test_gram_chunks_are_cache_sized_on_cpu() -> None:
+    x = torch.zeros(4, 256, 1, dtype=F64)
+    assert mi._gram_chunk(256, x) == 4  # 2 MiB of 256x256 float64 matrices
+    assert mi._gram_chunk(1024, x) == 1
+    assert mi._gram_chunk(64, x.float()) == 128
+
+
+@pytest.mark.parametrize("alpha", (2.0, 1.01, 0.5))
+@pytest.mark.parametrize("with_base", (False, True))
+def test_score_candidates_by_index_and_squares_equals_copying_the_candidates(alpha: float, with_base: bool) -> None:
+    """A greedy step that passes the channels left by index (and the squared stack at α = 2) scores exactly what
+    ``grams[left]`` scored (squared at every step), for any chunking."""
+    g = gram_matrix(_randn(23, 64, 4, seed=3))
+    ay = label_gram(torch.arange(64) % 5, dtype=F64)
+    base = joint_gram(g[4], g[17]) if with_base else None
+    left = [c for c in range(23) if c not in (4, 17)][::-1]
+    copied = score_candidates(base, g[left], ay, alpha=alpha, chunk_size=23)
+    squares = g.square()
+    for chunk in (None, 1, 3, 8, 100):
+        for sq in (None, squares):
+            got = score_candidates(base, g, ay, alpha=alpha, chunk_size=chunk, candidates=left, squares=sq)
+            torch.testing.assert_close(got, copied, rtol=0.0, atol=1e-12)
+            got = score_candidates(base, g[left], ay, alpha=alpha, chunk_size=chunk,
+                                   squares=None if sq is None else squares[left])
+            torch.testing.assert_close(got, copied, rtol=0.0, atol=1e-12)
+    assert score_candidates(base, g, ay, alpha=alpha, candidates=[]).shape == (0,)
+    with pytest.raises(ValueError, match="squares must have the shape"):
+        score_candidates(base, g, ay, alpha=alpha, squares=squares[:3])
+
+
+def test_eigenvalue_path_defaults_to_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    batches: list[int] = []
+    real = torch.linalg.eigvalsh
+
+    def spy(a: torch.Tensor) -> torch.Tensor:
+        batches.append(a.shape[1] if a.ndim == 4 else 1)
+        return real(a)
+
+    g = gram_matrix(_randn(20, 32, 2))
+    ay = label_gram(torch.arange(32) % 2, dtype=F64)
+    expected = torch.stack([mutual_information(g[c], ay, alpha=1.01) for c in range(20)])
+    monkeypatch.setattr(mi.torch.linalg, "eigvalsh", spy)
+    torch.testing.assert_close(score_candidates(None, g, ay, alpha=1.01), expected)
+    assert batches[1:] == [8, 8, 4]  # after S(Y): chunks of EIG_CHUNK["cpu"] candidates
+    assert mi.EIG_CHUNK["cpu"] == 8 and mi.EIG_CHUNK["other"] > 8
+    sizes = {n: mi._eig_chunk(torch.zeros(1, n, n, dtype=F64)) for n in (64, 256, 512, 1024)}
+    assert sizes == {64: 8, 256: 8, 512: 2, 1024: 1}  # fewer, larger matrices per batch
+
+
 # --- saturation ------------------------------------------------------------------------------------------------------
 
 
@@ -326,5 +410,9 @@ def test_score_candidates_on_cuda_matches_cpu() -> None:
         gpu = score_candidates(g[0].cuda(), g.cuda(), ay.cuda(), alpha=alpha)
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), cpu)
+        left = [5, 3, 1]
+        torch.testing.assert_close(
+            score_candidates(None, g.cuda(), ay.cuda(), alpha=alpha, candidates=left, squares=g.square().cuda()).cpu(),
+            score_candidates(None, g[left], ay, alpha=alpha))
         g_cuda = gram_matrix(feats.cuda())
         torch.testing.assert_close(g_cuda.cpu(), g)
