@@ -27,6 +27,7 @@ from .errors import DataError, InputError, OutputError, ValidationError
 from .finetune import evaluate, finetune, recalibrate_bn
 from .io import LoadedModel, atomic_save, check_writable_dir, compressed_payload, load_model
 from .methods import cmi as _cmi  # noqa: F401 - registers --method cmi
+from .methods import mipp as _mipp  # noqa: F401 - registers --method mipp
 from .methods import tucker as _tucker  # noqa: F401 - registers --method tucker
 from .metrics import count_filters, count_macs, count_params
 from .pruning import engine

@@ -20,8 +20,8 @@ EXAMPLE = (
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 
-MODEL, DATA, METHOD, CMI, TUCKER, TUNE, BENCH, OUT = "Model", "Data", "Method and target", "cmi options", \
-    "tucker options", "Fine-tuning", "Verify and benchmark", "Output"
+MODEL, DATA, METHOD, CMI, MIPP, TUCKER, TUNE, BENCH, OUT = "Model", "Data", "Method and target", "cmi options", \
+    "mipp options", "tucker options", "Fine-tuning", "Verify and benchmark", "Output"
 
 
 def _methods_help() -> str:
@@ -121,6 +121,16 @@ def main_command(
     cmi_pool: Annotated[Optional[int], typer.Option(
         help="cmi: average-pool maps to this size before the kernel (0 = no pooling). E.g. --cmi-pool 2 "
              "[default: 4]", rich_help_panel=CMI)] = None,
+    mipp_estimator: Annotated[Optional[str], typer.Option(
+        help="mipp: how the information a channel carries to the next layer is measured: predictor (held-out loss "
+             "of a linear predictor with the next layer's geometry) or renyi (matrix-based Renyi MI, faster). "
+             "E.g. --mipp-estimator renyi [default: predictor]", rich_help_panel=MIPP)] = None,
+    mipp_confidence: Annotated[Optional[float], typer.Option(
+        help="mipp: keep a channel only if removing it raises the loss with more than this confidence; unset, it "
+             "is searched to meet --target. E.g. --mipp-confidence 0.95", rich_help_panel=MIPP)] = None,
+    mipp_repeats: Annotated[Optional[int], typer.Option(
+        help="mipp: repeats (folds) of the loss estimate behind each decision. E.g. --mipp-repeats 5 [default: 5]",
+        rich_help_panel=MIPP)] = None,
     rank_rule: Annotated[Optional[str], typer.Option(
         help="tucker: rank selection: target (meet --target), evbmf (empirical variational Bayes) or energy. "
              "E.g. --rank-rule evbmf [default: target]", rich_help_panel=TUCKER)] = None,
@@ -182,7 +192,9 @@ def main_command(
         atol=atol, overwrite=overwrite, at_init=at_init,
         method_options=_method_options(cmi_alpha=cmi_alpha, cmi_condition=cmi_condition, cmi_cutoff=cmi_cutoff,
                                        cmi_direction=cmi_direction, cmi_kernel_width=_width(cmi_kernel_width),
-                                       cmi_pool=cmi_pool, tucker_rank_rule=rank_rule, tucker_energy=energy,
+                                       cmi_pool=cmi_pool, mipp_estimator=mipp_estimator,
+                                       mipp_confidence=mipp_confidence, mipp_repeats=mipp_repeats,
+                                       tucker_rank_rule=rank_rule, tucker_energy=energy,
                                        tucker_adaptive=tucker_adaptive, tucker_tau=tau,
                                        tucker_latency_aware=latency_aware),
     )

@@ -86,6 +86,24 @@ def test_flags_are_forwarded_to_the_api(monkeypatch: pytest.MonkeyPatch, model_f
     assert seen["method_options"] == {"cmi_alpha": 1.01, "cmi_kernel_width": 2.5, "cmi_cutoff": "scree"}
 
 
+def test_mipp_flags_are_forwarded_as_method_options(monkeypatch: pytest.MonkeyPatch, model_file: Path,
+                                                     tmp_path: Path) -> None:
+    seen = {}
+
+    class _Result:
+        report: dict = {}
+        files: dict = {}
+        out_dir = tmp_path
+
+    monkeypatch.setattr("compressor.api.compress", lambda model, **kwargs: seen.update(kwargs) or _Result())
+    monkeypatch.setattr("compressor.report.print_table", lambda report: None)
+    result = invoke(model_file, "--method", "mipp", "--mipp-estimator", "renyi", "--mipp-confidence", "0.9",
+                    "--mipp-repeats", "4", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert seen["method"] == "mipp"
+    assert seen["method_options"] == {"mipp_estimator": "renyi", "mipp_confidence": 0.9, "mipp_repeats": 4}
+
+
 def _assert_clean_failure(result, out: Path, inputs: list[Path], digests: list[str], match: str) -> None:
     assert result.exit_code == 2, (result.exit_code, result.output)
     message = result.stderr.strip()
@@ -126,13 +144,17 @@ def _bad_cases(tmp_path: Path, model_file: Path, data_file: Path) -> dict:
         "option of another method": ([model_file, "--method", "l1", "--cmi-alpha", "2"], "applies to --method cmi"),
         "cmi without data": ([model_file, "--method", "cmi"], "--data"),
         "at-init without epochs": ([model_file, "--at-init"], "--epochs"),
+        "mipp option for l1": ([model_file, "--method", "l1", "--mipp-repeats", "3"], "applies to --method mipp"),
+        "mipp bad estimator": ([model_file, "--method", "mipp", "--data", data_file, "--mipp-estimator", "mlp"],
+                               "predictor"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing model", "not a checkpoint", "arch mismatch", "unknown arch", "unknown method", "target zero",
     "target one", "target negative", "channels", "labels", "empty", "unwritable out", "pickle", "epochs without data",
-    "option of another method", "cmi without data", "at-init without epochs",
+    "option of another method", "cmi without data", "at-init without epochs", "mipp option for l1",
+    "mipp bad estimator",
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, tmp_path: Path, model_file: Path,
                                                          data_file: Path) -> None:
