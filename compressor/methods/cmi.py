@@ -28,7 +28,6 @@ set (about a dozen channels already tell all calibration images apart) is by eac
 
 from __future__ import annotations
 
-import difflib
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +45,7 @@ from ..pruning.engine import PruningGroup, floor_keep, full_tp_group
 from ..pruning.scorers import Scorer, ScoringContext, ScoringResult, register_scorer
 from ..scoring import selection as sel
 from ..scoring.mutual_info import check_saturation, gram_matrix, label_gram
+from . import reject_unknown_options
 
 CONDITIONS = ("layer", "full", "compact")
 CUTOFFS = ("target", "scree", "permutation")
@@ -96,11 +96,7 @@ def parse_options(options: Mapping[str, Any]) -> CMIOptions:
     A key whose value is ``None`` takes its default (a CLI flag that was not given).
     """
     options = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(options) - set(OPTION_KEYS) - set(RUN_KEYS))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], OPTION_KEYS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown cmi option {unknown[0]!r}{hint}; known: {', '.join(OPTION_KEYS)}")
+    reject_unknown_options("cmi", set(options) - set(RUN_KEYS), OPTION_KEYS)
     alpha = _number(options.get("cmi_alpha", 2.0), "--cmi-alpha", float, "a number > 0, e.g. 2 or 1.01")
     if alpha <= 0:
         raise InputError(f"--cmi-alpha must be a number > 0, e.g. 2 or 1.01; got {alpha}")

@@ -52,7 +52,6 @@ matrices (or pooled maps); every search pass reuses them. Linear algebra runs in
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 import time
@@ -71,6 +70,7 @@ from ..pruning.engine import PruningGroup, floor_keep, full_tp_group
 from ..pruning.scorers import Scorer, ScoringContext, ScoringResult, register_scorer
 from ..scoring import predictor as pr
 from ..scoring.mutual_info import kernel_width, pairwise_sq_dists
+from . import reject_unknown_options
 from .cmi import Tap, find_taps
 
 log = logging.getLogger("compressor")
@@ -124,11 +124,7 @@ def parse_options(options: Mapping[str, Any]) -> MIPPOptions:
     A key whose value is ``None`` takes its default (a CLI flag that was not given).
     """
     options = {k: v for k, v in options.items() if v is not None}
-    unknown = sorted(set(options) - set(OPTION_KEYS) - set(RUN_KEYS))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], OPTION_KEYS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown mipp option {unknown[0]!r}{hint}; known: {', '.join(OPTION_KEYS)}")
+    reject_unknown_options("mipp", set(options) - set(RUN_KEYS), OPTION_KEYS)
     estimator = options.get("mipp_estimator", "predictor")
     if estimator not in ESTIMATORS:
         raise InputError(f"--mipp-estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")

@@ -32,7 +32,6 @@ Rank-adaptive fine-tuning (``tucker_adaptive``, ``tucker_tau``, ``tucker_period`
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -54,7 +53,13 @@ from ..factorize import (
     tucker2_shrinks,
 )
 from ..pruning import engine
-from ..transforms import Transform, TransformContext, TransformResult, register_transform
+from ..transforms import (
+    Transform,
+    TransformContext,
+    TransformResult,
+    register_transform,
+)
+from . import reject_unknown_options
 
 __all__ = ["OPTION_KEYS", "RANK_RULES", "TuckerOptions", "TuckerTransform", "parse_options", "tucker_block"]
 
@@ -104,12 +109,8 @@ def parse_options(options: Mapping[str, Any], *, method: str = "tucker") -> Tuck
 
     Keys of other methods (``cmi_*``) are accepted only when ``method`` chains a pruning step (``cmi+tucker``).
     """
-    for key in options:
-        if key in OPTION_KEYS or ("+" in method and not key.startswith("tucker_")):
-            continue
-        close = difflib.get_close_matches(key, OPTION_KEYS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown tucker option {key!r}{hint}; known: {', '.join(OPTION_KEYS)}")
+    reject_unknown_options("tucker", [k for k in options if "+" not in method or k.startswith("tucker_")],
+                           OPTION_KEYS)
     rule = options.get("tucker_rank_rule", "target")
     if rule not in RANK_RULES:
         raise InputError(f"--rank-rule must be one of {', '.join(RANK_RULES)}; got {rule!r}")
