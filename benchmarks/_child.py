@@ -95,7 +95,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     train = load_subset(job["train"], budget["train_images"], budget["seed"])
     test = load_subset(job["eval"], budget.get("eval_images"), budget["seed"])
     result = compress(job["checkpoint"], arch=job["arch"], data=train, eval_data=test,
-                      normalize=job["normalize"], method=job["method"], target=job["target"],
+                      normalize=job["normalize"], method=job.get("compress_method", job["method"]),
+                      method_options=job.get("method_options") or {}, target=job["target"],
                       target_metric=job["metric"], epochs=budget["epochs"], lr=budget["lr"],
                       batch_size=budget["batch_size"], seed=budget["seed"], device=budget["device"],
                       calib_samples=budget["calib_samples"], bench_batches=tuple(budget["bench_batches"]),

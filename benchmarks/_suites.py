@@ -12,7 +12,7 @@ Suites:
 
 * ``smoke``: ResNet-20, three methods at 0.5 and ``l1`` at a MAC target; 1 epoch on 1,000 images, top-1 on 500 test
   images, 128 calibration images. It checks the harness, not the methods.
-* ``cpu``: ResNet-20 and ResNet-56, every method, the full grid; 1 epoch on 10,000 images (class-balanced). Runs
+* ``cpu``: ResNet-20 and ResNet-56, every method (and ``tucker-adaptive``, see :data:`VARIANTS`), the full grid; 1 epoch on 10,000 images (class-balanced). Runs
   target by target (0.33 of each method's default metric first), so an interrupted run (``--resume`` continues it)
   has compared every method at one budget before it starts the next.
 * ``gpu``: the same grid with a real budget: 30 epochs on all 50,000 images, CUDA (AMP) for fine-tuning.
@@ -21,9 +21,9 @@ Suites:
 Durations measured on 2 CPU cores (AMD EPYC) shared with other jobs; wall times there vary by up to 4x with the load,
 because two OpenMP threads on two busy cores mostly wait for each other. ``smoke``: 2 min 34 s at load ~1.5,
 3 min 51 s at load ~3.5.
-``cpu``: three ResNet-56 configurations took 433-443 s each at load 2-6 (fine-tuning 260-350 s of it), ResNet-20
-configurations about a third of that, so 18 x 440 s + 18 x 150 s = about 3 h on shared cores, about half on idle
-ones. ``gpu``: dominated by 30 epochs x 50,000 images per configuration.
+``cpu``: on idle cores (load < 1) about 20-40 s per ResNet-20 configuration and 45-110 s per ResNet-56 one; at
+load 2-6 a ResNet-56 configuration took 433-443 s (fine-tuning 260-350 s of it).
+``gpu``: dominated by 30 epochs x 50,000 images per configuration.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SAMPLES = REPO / "samples"
 ALL_METHODS = ("random", "l1", "cmi", "mipp", "tucker", "cmi+tucker")
+#: Rows that run a method with options, under their own label: ``label -> (method, method_options)``.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"tucker-adaptive": ("tucker", {"tucker_adaptive": True})}
 FULL_GRID_TARGETS: tuple[tuple[float, str | None], ...] = ((0.33, None), (0.5, None), (0.5, "macs"))
 
 
@@ -141,11 +143,12 @@ SUITES = {
     "cpu": Suite(
         "cpu", "ResNet-20 and ResNet-56, every method, 1 epoch on 10,000 images (CPU)",
         Budget(epochs=1, train_images=10000, bench_repeats=50), timeout_s=1800,
-        grid=tuple(c for target in FULL_GRID_TARGETS for c in grid(["resnet20", "resnet56"], ALL_METHODS, [target]))),
+        grid=tuple(c for target in FULL_GRID_TARGETS
+                   for c in grid(["resnet20", "resnet56"], ALL_METHODS + tuple(VARIANTS), [target]))),
     "gpu": Suite(
         "gpu", "ResNet-20 and ResNet-56, every method, 30 epochs on all 50,000 images (CUDA with AMP)",
         Budget(epochs=30, train_images=None, device="cuda", bench_repeats=100), timeout_s=4 * 3600,
-        grid=grid(["resnet20", "resnet56"], ALL_METHODS, FULL_GRID_TARGETS)),
+        grid=grid(["resnet20", "resnet56"], ALL_METHODS + tuple(VARIANTS), FULL_GRID_TARGETS)),
     "sample": Suite(
         "sample", "The bundled sample network on the bundled shapes data: tries the harness without ../shared",
         Budget(epochs=1, train_images=200, batch_size=64, calib_samples=64, bench_batches=(1, 8), bench_repeats=3),
@@ -153,6 +156,12 @@ SUITES = {
 }
 SUITE_ORDER = ("cpu", "gpu", "smoke", "sample")  # order of the sections of docs/RESULTS.md
 README_SUITES = ("cpu", "gpu")  # the README shows the first of these stored: smoke numbers are no advertisement
+
+
+def resolve_method(label: str) -> tuple[str, dict[str, Any]]:
+    """The ``--method`` and method options behind a grid label (a method name, or a :data:`VARIANTS` label)."""
+    method, options = VARIANTS.get(label, (label, {}))
+    return method, dict(options)
 
 
 def data_root(spec: DataSpec, shared: Path) -> Path:

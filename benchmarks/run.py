@@ -44,7 +44,7 @@ from typing import Any
 
 from . import _render
 from ._child import atomic_write_text
-from ._suites import MODELS, REPO, SHARED, SUITES, Config, Suite, data_root, filter_grid
+from ._suites import MODELS, REPO, SHARED, SUITES, Config, Suite, data_root, filter_grid, resolve_method
 
 RESULTS = REPO / "benchmarks" / "results"
 DOCS = REPO / "docs" / "RESULTS.md"
@@ -156,7 +156,7 @@ def method_metrics(methods: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     metrics, skipped = {}, {}
     for method in methods:
         try:
-            metrics[method] = default_metric(plan(method))
+            metrics[method] = default_metric(plan(resolve_method(method)[0]))
         except UnknownNameError:
             skipped[method] = f"{method}: not registered in this checkout (compressor.list_methods())"
     return metrics, skipped
@@ -182,8 +182,10 @@ def make_job(config: Config, metric: str, files: dict[str, str], suite: Suite, t
     budget = suite.budget.to_dict()
     if threads is not None:
         budget["threads"] = threads
+    method, options = resolve_method(config.method)
     return {"key": config.key(metric), "model": config.model, "arch": spec.arch, "normalize": spec.data.normalize,
-            "method": config.method, "target": config.target, "metric": metric, "budget": budget, **files}
+            "method": config.method, "compress_method": method, "method_options": options,
+            "target": config.target, "metric": metric, "budget": budget, **files}
 
 
 def run_config(job: dict[str, Any], timeout_s: int) -> dict[str, Any]:

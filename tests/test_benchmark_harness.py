@@ -168,3 +168,28 @@ def test_a_partial_run_never_replaces_stored_results(tmp_path: Path, monkeypatch
     assert bench_run.main(["--suite", "tiny", "--methods", "l1", *_args(tmp_path)]) == 2
     assert "pass --results-dir" in capsys.readouterr().err
     assert stored.read_text() == '{"meta": {}, "rows": []}'
+
+
+def test_a_variant_row_runs_its_method_with_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tucker-adaptive`` rows compress with ``method="tucker"`` and ``tucker_adaptive``, under their own label."""
+    from benchmarks import _child
+    from benchmarks._suites import SUITES
+
+    job = bench_run.make_job(Config("resnet20", "tucker-adaptive", 0.33), "params",
+                             {"checkpoint": "m.th", "train": "t.npz", "eval": "e.npz"}, SUITES["cpu"], None)
+    assert job["key"] == "resnet20-tucker-adaptive-params-0.33" and job["method"] == "tucker-adaptive"
+    seen: dict[str, Any] = {}
+
+    class _Stop(Exception):
+        pass
+
+    def fake_compress(model: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr("compressor.compress", fake_compress)
+    monkeypatch.setattr(_child, "load_subset", lambda path, n, seed: [])
+    with pytest.raises(_Stop):
+        _child.run_job(job)
+    assert seen["method"] == "tucker" and seen["method_options"] == {"tucker_adaptive": True}
+    assert any(c.method == "tucker-adaptive" for c in SUITES["cpu"].grid)
