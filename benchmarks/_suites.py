@@ -12,8 +12,8 @@ Suites:
 
 * ``smoke``: ResNet-20, three methods at 0.5 and ``l1`` at a MAC target; 1 epoch on 1,000 images, top-1 on 500 test
   images, 128 calibration images. It checks the harness, not the methods.
-* ``cpu``: ResNet-20 and ResNet-56, every method (and ``tucker-adaptive``, see :data:`VARIANTS`), the full grid; 1 epoch on 10,000 images (class-balanced). Runs
-  target by target (0.33 of each method's default metric first), so an interrupted run (``--resume`` continues it)
+* ``cpu``: ResNet-20 and ResNet-56, every method (and ``tucker-adaptive``, see :data:`VARIANTS`), the full grid;
+  1 epoch on 10,000 images (class-balanced). Runs target by target (0.33 of each method's default metric first), so an interrupted run (``--resume`` continues it)
   has compared every method at one budget before it starts the next.
 * ``gpu``: the same grid with a real budget: 30 epochs on all 50,000 images, CUDA (AMP) for fine-tuning.
 * ``sample``: the bundled sample (``samples/``), two methods; seconds, needs no ``../shared``.
