@@ -193,3 +193,18 @@ def test_a_variant_row_runs_its_method_with_its_options(monkeypatch: pytest.Monk
         _child.run_job(job)
     assert seen["method"] == "tucker" and seen["method_options"] == {"tucker_adaptive": True}
     assert any(c.method == "tucker-adaptive" for c in SUITES["cpu"].grid)
+
+
+def test_efficiency_section_from_round_to_study_and_rows(tmp_path: Path) -> None:
+    study = {"threads": 1, "rows": [
+        {"round_to": 1, "macs_ratio": 0.5, "speedup_b1": 1.2, "speedup_b32": 1.1},
+        {"round_to": 8, "macs_ratio": 0.4, "speedup_b1": 1.5, "speedup_b32": 1.6}]}
+    (tmp_path / "round_to_t1.json").write_text(json.dumps(study))
+    rows = [{"status": "ok", "method": "l1", "efficiency_b1": e1, "efficiency_b32": e32}
+            for e1, e32 in ((0.2, 0.5), (0.4, 0.7), (0.9, 0.6))] + [{"status": "failed", "method": "cmi"}]
+    stored = {"cpu": {"meta": {"budget": {"bench_batches": [1, 32]}}, "rows": rows}}
+    text = "\n".join(_render.efficiency_section(stored, tmp_path))
+    assert "| 1 | 8 | 40.0% | 1.50× | 1.60× | 0.60 | 0.64 |" in text  # efficiency = speedup x MACs kept
+    assert "largest speedup came at `--round-to 8`" in text and "between 0.55 and 0.64" in text
+    assert "| `l1` | 3 | 0.40 | 0.60 |" in text and "`cmi`" not in text  # medians of the ok rows only
+    assert _render.efficiency_section({}, tmp_path / "absent") == []
