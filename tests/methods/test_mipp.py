@@ -12,7 +12,7 @@ from torch import nn
 
 from compressor import compress
 from compressor.errors import InputError
-from compressor.methods import mipp
+from compressor.methods import mipp, mipp_capture, mipp_search
 from compressor.methods.cmi import find_taps
 from compressor.metrics import count_filters
 from compressor.models import create_model
@@ -164,15 +164,16 @@ def test_planted_layer_statistics() -> None:
     """The predictor's t statistic of masking one conv1 channel: ~0 for copies and unused channels, large for 0 and
     3. The Rényi measure is monotone and symmetric in copies, but blind to unused channels."""
     ctx = _context(planted_model())
-    problems = mipp.find_problems(ctx.model, ctx.graph, ctx.groups)
-    moments, _ = mipp.capture(ctx.model, problems, find_taps(ctx.model, ctx.graph, ctx.groups), ctx.graph, ctx.calib,
-                              mipp.parse_options({}), seed=0)
+    problems = mipp_capture.find_problems(ctx.model, ctx.graph, ctx.groups)
+    taps = find_taps(ctx.model, ctx.graph, ctx.groups)
+    moments, _ = mipp_capture.capture(ctx.model, problems, taps, ctx.graph, ctx.calib,
+                                      mipp.parse_options({}), seed=0)
     layer = mipp._PredictorLayer(problems["conv1"], [moments.grams[("conv1", 0)]], {}, 8, torch.device("cpu"))
     t = layer.t(layer.delta(torch.arange(8)[:, None]))
     assert bool((t[[0, 3]] > 20).all()), t
     assert bool((t[[1, 2, 4, 5, 6, 7]] < 3).all()), t
-    moments, _ = mipp.capture(ctx.model, problems, find_taps(ctx.model, ctx.graph, ctx.groups), ctx.graph, ctx.calib,
-                              mipp.parse_options({"mipp_estimator": "renyi"}), seed=0)
+    moments, _ = mipp_capture.capture(ctx.model, problems, taps, ctx.graph, ctx.calib,
+                                      mipp.parse_options({"mipp_estimator": "renyi"}), seed=0)
     renyi = mipp._RenyiLayer(problems["conv1"], [moments.pooled[("conv1", 0)]], moments.folds, {}, 8, {},
                              torch.device("cpu"))
     d = renyi.delta(torch.arange(8)[:, None])
@@ -305,8 +306,8 @@ def test_a_layer_never_drops_to_zero_channels() -> None:
 def test_a_cap_meets_a_target_the_confidence_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the confidence held near 0.5 only planted conv1's four redundant channels go; a per-group cap takes the
     rest of the target, by greedy elimination on top of the test, so conv1 still keeps 0, 3 and one of each pair."""
-    monkeypatch.setattr(mipp, "T_START", 0.05)
-    monkeypatch.setattr(mipp, "T_MAX", 0.05)
+    monkeypatch.setattr(mipp_search, "T_START", 0.05)
+    monkeypatch.setattr(mipp_search, "T_MAX", 0.05)
     result = mipp.MIPPScorer().score(_context(planted_model(), target=0.5))
     info = result.info["mipp"]
     assert info["search"] == "cap" and info["cap"] < 1.0 and info["confidence"] == pytest.approx(0.52, abs=0.01)
