@@ -15,6 +15,8 @@ Suites:
 * ``cpu``: ResNet-20 and ResNet-56, every method (and ``tucker-adaptive``, see :data:`VARIANTS`), the full grid;
   1 epoch on 10,000 images (class-balanced). Runs target by target (0.33 of each method's default metric first), so an interrupted run (``--resume`` continues it)
   has compared every method at one budget before it starts the next.
+* ``cpu-long``: the comparison that matters most at a larger CPU budget: ResNet-56 at 0.33 with ``random``, ``l1``,
+  ``cmi``, ``mipp`` and ``tucker``, 3 epochs on 20,000 images (6x the ``cpu`` budget).
 * ``gpu``: the same grid with a real budget: 30 epochs on all 50,000 images, CUDA (AMP) for fine-tuning.
 * ``sample``: the bundled sample (``samples/``), two methods; seconds, needs no ``../shared``.
 
@@ -145,6 +147,10 @@ SUITES = {
         Budget(epochs=1, train_images=10000, bench_repeats=50), timeout_s=1800,
         grid=tuple(c for target in FULL_GRID_TARGETS
                    for c in grid(["resnet20", "resnet56"], ALL_METHODS + tuple(VARIANTS), [target]))),
+    "cpu-long": Suite(
+        "cpu-long", "ResNet-56 at a third of the filters (params for tucker), 3 epochs on 20,000 images (CPU)",
+        Budget(epochs=3, train_images=20000, bench_repeats=50), timeout_s=3600,
+        grid=grid(["resnet56"], ("random", "l1", "cmi", "mipp", "tucker"), [(0.33, None)])),
     "gpu": Suite(
         "gpu", "ResNet-20 and ResNet-56, every method, 30 epochs on all 50,000 images (CUDA with AMP)",
         Budget(epochs=30, train_images=None, device="cuda", bench_repeats=100), timeout_s=4 * 3600,
@@ -154,7 +160,7 @@ SUITES = {
         Budget(epochs=1, train_images=200, batch_size=64, calib_samples=64, bench_batches=(1, 8), bench_repeats=3),
         timeout_s=300, grid=grid(["samplenet"], ["random", "l1"], [(0.33, None), (0.5, "macs")])),
 }
-SUITE_ORDER = ("cpu", "gpu", "smoke", "sample")  # order of the sections of docs/RESULTS.md
+SUITE_ORDER = ("cpu", "cpu-long", "gpu", "smoke", "sample")  # order of the sections of docs/RESULTS.md
 README_SUITES = ("cpu", "gpu")  # the README shows the first of these stored: smoke numbers are no advertisement
 
 
