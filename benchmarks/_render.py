@@ -207,6 +207,16 @@ def versions_line(meta: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items() if v)
 
 
+def invocations_lines(meta: dict[str, Any]) -> list[str]:
+    """One line per invocation when ``--resume`` assembled the rows from several (empty for a single run)."""
+    runs = meta.get("invocations") or []
+    if len(runs) < 2:
+        return []
+    return ["- Assembled by --resume from " + "; ".join(
+        f"`{r.get('command')}` (started {r.get('started')}, {duration(r.get('duration_s'))}, "
+        f"{r.get('configurations_run')} configurations, git `{r.get('git')}`)" for r in runs) + "."]
+
+
 def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir: Path) -> list[str]:
     meta, rows = results["meta"], results["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
@@ -216,6 +226,7 @@ def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir:
              f"- Command: `{meta['command']}`",
              (f"- Run: started {meta['started']}, took {duration(meta.get('duration_s'))}{state}; {len(rows)} "
               f"configurations, {len(ok)} ok, {len(failed)} failed; git `{meta.get('git')}`."),
+             *invocations_lines(meta),
              f"- Machine: {machine_line(meta)}{load_note(rows)}.",
              f"- Versions: {versions_line(meta)}.",
              f"- Budget, the same for every configuration: {budget_line(meta)}.",

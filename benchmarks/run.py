@@ -254,15 +254,24 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _previous_rows(path: Path, budget: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Successful rows of an earlier run of the same suite with the same budget (for ``--resume``)."""
+def _previous_rows(path: Path, budget: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Successful rows of an earlier run of the same suite with the same budget (for ``--resume``), and the
+    invocations that produced them (:func:`_invocation`)."""
     if not path.exists():
-        return {}
+        return {}, []
     stored = json.loads(path.read_text())
-    if stored.get("meta", {}).get("budget") != budget:
+    meta = stored.get("meta", {})
+    if meta.get("budget") != budget:
         print(f"--resume: {display_path(path)} used another budget; running every configuration", file=sys.stderr)
-        return {}
-    return {r["key"]: r for r in stored.get("rows", []) if r.get("status") == "ok"}
+        return {}, []
+    rows = {r["key"]: r for r in stored.get("rows", []) if r.get("status") == "ok"}
+    return rows, meta.get("invocations") or [_invocation(meta, len(rows))]
+
+
+def _invocation(meta: dict[str, Any], ran: int) -> dict[str, Any]:
+    """What one invocation of the harness contributed to a results.json: when, how long, which code, how many rows."""
+    return {"command": meta.get("command"), "started": meta.get("started"), "duration_s": meta.get("duration_s"),
+            "git": meta.get("git"), "configurations_run": ran}
 
 
 def _progress(i: int, n: int, row: dict[str, Any]) -> str:
@@ -297,21 +306,26 @@ def run_suite(suite: Suite, configs: tuple[Config, ...], args: argparse.Namespac
         return None
     out = args.results_dir / suite.name / "results.json"
     budget = jobs[0]["budget"]
-    done = _previous_rows(out, budget) if args.resume else {}
+    done, earlier = _previous_rows(out, budget) if args.resume else ({}, [])
     meta = {"suite": suite.name, "description": suite.description, "command": command, "budget": budget,
             "timeout_s": suite.timeout_s, "notes": notes, "started": _now(),
             "git": _git_revision(), "machine": _machine(), "versions": _versions(), "complete": False,
             "data": {m: {k: display_path(v) for k, v in f.items()} for m, f in files.items()}}
+    this = {"command": command, "started": meta["started"], "git": meta["git"]}
     rows: list[dict[str, Any]] = []
-    start = time.perf_counter()
+    start, ran = time.perf_counter(), 0
     for i, job in enumerate(jobs, 1):
         row = done.get(job["key"])
         if row is None:
             print(f"[{i}/{len(jobs)}] {job['key']} ...", file=sys.stderr, flush=True)
             row = run_config(job, suite.timeout_s)
+            ran += 1
         rows.append(row)
         print(_progress(i, len(jobs), row), file=sys.stderr, flush=True)
-        meta["duration_s"] = round(time.perf_counter() - start, 1)
+        this.update(duration_s=round(time.perf_counter() - start, 1), configurations_run=ran)
+        invocations = [*earlier, dict(this)]  # a resumed run: the first start, the sum of the durations
+        meta.update(invocations=invocations, started=invocations[0]["started"],
+                    duration_s=round(sum(v.get("duration_s") or 0.0 for v in invocations), 1))
         atomic_write_text(out, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     meta.update(complete=True, finished=_now())
     atomic_write_text(out, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -146,9 +146,32 @@ def test_resume_keeps_only_successful_rows_of_the_same_budget(tmp_path: Path) ->
     path = tmp_path / "results.json"
     budget = TINY.budget.to_dict()
     rows = [{"key": "a", "status": "ok"}, {"key": "b", "status": "failed", "error": "x"}]
-    path.write_text(json.dumps({"meta": {"budget": budget}, "rows": rows}))
-    assert set(bench_run._previous_rows(path, budget)) == {"a"}
-    assert bench_run._previous_rows(path, {**budget, "epochs": 2}) == {}
+    path.write_text(json.dumps({"meta": {"budget": budget, "started": "t0", "duration_s": 5.0}, "rows": rows}))
+    kept, earlier = bench_run._previous_rows(path, budget)
+    assert set(kept) == {"a"} and earlier[0]["started"] == "t0" and earlier[0]["configurations_run"] == 1
+    assert bench_run._previous_rows(path, {**budget, "epochs": 2}) == ({}, [])
+
+
+def test_resume_runs_what_is_missing_and_records_every_invocation(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    suite = Suite("tiny", "t", TINY.budget, grid=(Config("samplenet", "l1", 0.4), Config("samplenet", "random", 0.4)))
+    out = tmp_path / "tiny" / "results.json"
+    out.parent.mkdir()
+    first = {"key": "samplenet-l1-filters-0.4", "status": "ok", "top1_orig": 1.0, "top1_pruned": 0.5,
+             "top1_finetuned": 0.9, "mac_reduction": 2.0, "wall_s": 1.0, "peak_rss_mib": 1.0}
+    out.write_text(json.dumps({"meta": {"budget": suite.budget.to_dict(), "started": "2026-01-01T00:00:00",
+                                        "duration_s": 100.0, "git": "abc", "command": "first"}, "rows": [first]}))
+    ran: list[str] = []
+    monkeypatch.setattr(bench_run, "run_config", lambda job, timeout: ran.append(job["key"]) or {**first,
+                                                                                            "key": job["key"]})
+    args = bench_run.parse_args(["--suite", "sample", "--resume", "--results-dir", str(tmp_path)])
+    assert bench_run.run_suite(suite, suite.grid, args, "second") == out
+    meta = json.loads(out.read_text())["meta"]
+    assert ran == ["samplenet-random-filters-0.4"]
+    assert [i["command"] for i in meta["invocations"]] == ["first", "second"]
+    assert [i["configurations_run"] for i in meta["invocations"]] == [1, 1]
+    assert meta["started"] == "2026-01-01T00:00:00" and meta["duration_s"] >= 100.0 and meta["complete"]
+    assert "Assembled by --resume from `first`" in "\n".join(_render.invocations_lines(meta))
 
 
 def test_readme_without_markers_is_refused(tmp_path: Path) -> None:
