@@ -7,7 +7,8 @@ public API with ``--epochs 0`` (no fine-tuning: the numbers compare the selectio
 it records the filters removed, params and MACs kept, top-1 on ``test1000.npz`` right after pruning and after the
 pipeline's BatchNorm recalibration (1,024 training images; no fine-tuning; ±0.9 points sampling error at 1,000
 images, the same images for every row), the scoring time and the per-group keep counts. ``scree`` and ``permutation``
-choose their own budget, so ``--target`` does not bind them. ONNX parity is checked by the pipeline for every row; the latency benchmark is skipped.
+choose their own budget, so ``--target`` does not bind them. ONNX parity is checked by the pipeline for every row;
+the latency benchmark is skipped.
 
 Usage::
 
