@@ -95,8 +95,8 @@ def main_command(
              "factorisation) or macs. E.g. --target-metric macs", rich_help_panel=METHOD)] = None,
     round_to: Annotated[int, typer.Option(
         help="Keep channel counts at multiples of K where the target allows (1 = exact). onnxruntime runs convs in "
-             "channel blocks: on an AVX-512 CPU, ResNet-56 at --target 0.33 ran 1.35x faster with 8 vs 1.11x with 1 "
-             "(benchmarks/round_to.py). E.g. --round-to 16", rich_help_panel=METHOD)] = 8,
+             "channel blocks: on an AVX-512 CPU, ResNet-56 at --target 0.33 ran 1.33x faster with 8 vs 1.17x with 1 "
+             "(batch 1, 1 thread; benchmarks/round_to.py). E.g. --round-to 16", rich_help_panel=METHOD)] = 8,
     min_keep: Annotated[float, typer.Option(
         help="Each layer group keeps at least this fraction of its channels. E.g. --min-keep 0.1",
         rich_help_panel=METHOD)] = 0.1,
@@ -123,7 +123,8 @@ def main_command(
              "[default: 4]", rich_help_panel=CMI)] = None,
     mipp_estimator: Annotated[Optional[str], typer.Option(
         help="mipp: how the information a channel carries to the next layer is measured: predictor (held-out loss "
-             "of a linear predictor with the next layer's geometry) or renyi (matrix-based Renyi MI, faster). "
+             "of a linear predictor with the next layer's geometry) or renyi (matrix-based Renyi MI: cheaper per pass "
+             "but blind to spatial layout; on ResNet-20/56 it needed more search passes and kept less accuracy). "
              "E.g. --mipp-estimator renyi [default: predictor]", rich_help_panel=MIPP)] = None,
     mipp_confidence: Annotated[Optional[float], typer.Option(
         help="mipp: keep a channel only if removing it raises the loss with more than this confidence; unset, it "
