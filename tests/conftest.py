@@ -30,10 +30,11 @@ def akamaster(depth: int) -> Path:
     return found[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Run a module on one torch thread: tiny tensors on a loaded 2-core machine take ~20 ms per op with several
-    OpenMP threads instead of microseconds. Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """Run every test on one torch thread. On a 2-core machine that is busy with anything else, two OpenMP threads
+    mostly wait for each other: the mipp conformance test took 133 s with 2 threads and 19 s with 1 at load 3.5
+    (tiny tensors: ~20 ms per op instead of microseconds). Speed goals are measured in ``benchmarks/``, not here."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -25,9 +25,6 @@ from compressor.data import (
 from compressor.errors import DataError, InputError
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _images(n: int = 12, h: int = 8, w: int = 8, c: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, h, w, c), dtype=np.uint8), np.arange(n, dtype=np.int64) % 3

@@ -14,9 +14,6 @@ from compressor.errors import DataError, InputError
 from compressor.finetune import FinetuneResult, cosine_lr, distillation_loss, evaluate, finetune, recalibrate_bn
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def _blobs(n: int = 256, seed: int = 0) -> ImageDataset:
     """Four classes told apart by which quadrant of a 1x8x8 image is bright (plus noise): easy to learn."""
     gen = torch.Generator().manual_seed(seed)

@@ -27,9 +27,6 @@ from compressor.scoring.selection import greedy_select
 ALPHAS = (2.0, 1.01)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_naive_and_library_give_the_same_greedy_ordering(alpha: float) -> None:
     x, y, informative = synthetic_layer(96, 10, dim=4, seed=3)

@@ -10,8 +10,6 @@ import torch
 from compressor.errors import InputError
 from compressor.factorize.evbmf import energy_rank, evb_tau_threshold, evbmf, golden_section_minimize
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def planted(rows: int, cols: int, signal: list[float], *, noise: float, seed: int) -> torch.Tensor:
     """``U diag(signal) V^T + noise * N(0, 1)`` with random orthonormal ``U``, ``V``."""

@@ -22,8 +22,6 @@ from compressor.factorize import (
     tucker2_shrinks,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def planted_kernel(c_out: int, c_in: int, k: int, ranks: tuple[int, int], *, seed: int = 0) -> torch.Tensor:
     """A kernel of exact multilinear rank ``ranks`` on the channel modes."""

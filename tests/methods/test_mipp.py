@@ -377,26 +377,12 @@ def test_compress_with_mipp_on_random_weights(random_npz: str) -> None:
                                                                                   result.report["method"]["groups"]}
 
 
-def _recalibrated(model: nn.Module, loader) -> nn.Module:
-    """BatchNorm statistics re-estimated on ``loader`` (cumulative average), so that a pruned model is judged by its
-    channels rather than by stale statistics."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x, _ in loader:
-            model(x)
-    return model.eval()
-
-
 @pytest.mark.slow
 def test_real_resnet20_keeps_more_accuracy_than_l1() -> None:
     """Trained ResNet-20 (../shared), 0.33 of the filters, no fine-tuning: top-1 on test1000 after BN
     recalibration above l1's (measured 37.5% against 32.6%; same images, ±1.5 points sampling error each)."""
     from compressor import data as data_mod
-    from compressor.finetune import evaluate
+    from compressor.finetune import evaluate, recalibrate_bn
     from compressor.io import load_model
 
     train, test = shared_file("data/cifar10/train.npz"), shared_file("data/cifar10/test1000.npz")
@@ -422,5 +408,6 @@ def test_real_resnet20_keeps_more_accuracy_than_l1() -> None:
                    - 0.33) <= engine.TARGET_TOLERANCE
         pruned = copy.deepcopy(model)
         engine.apply_keep(pruned, engine.build_graph(pruned, example), groups, scored.scores, keep)
-        accuracy[method] = evaluate(_recalibrated(pruned, recal), loader, device=torch.device("cpu"))
+        recalibrate_bn(pruned, recal)
+        accuracy[method] = evaluate(pruned.eval(), loader, device=torch.device("cpu"))
     assert accuracy["mipp"] > accuracy["l1"] + 0.02, accuracy

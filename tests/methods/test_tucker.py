@@ -23,9 +23,6 @@ from compressor.transforms import PruneTransform, TransformContext, plan
 EXAMPLE = torch.zeros(1, 3, 16, 16)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def tiny_net(seed: int = 0) -> nn.Module:
     """3x3 convs with and without bias, a stride, a 1x1 and a depthwise conv (the last two stay dense)."""
     torch.manual_seed(seed)
