@@ -98,9 +98,15 @@ def _fmt_acc(a: Any) -> str:
 
 
 def _ratio(before: Any, after: Any) -> str:
+    """Relative change, signed: ``-33.0%`` for a reduction, ``+138.8%`` for growth (a factorisation's extra convs)."""
     if not before or after is None:
         return ""
-    return f"-{100 * (1 - after / before):.1f}%"
+    return f"{100 * (after / before - 1):+.1f}%"
+
+
+def _speed(speedup: float) -> str:
+    """``1.30x faster``, or for a compressed model that runs slower, ``1.49x slower`` (never ``0.67x faster``)."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -125,7 +131,7 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     rows.append(("top-1", _fmt_acc(o["accuracy"]), _fmt_acc(c["accuracy"]), acc_change))
     for batch, lat in report.get("latency", {}).items():
         rows.append((f"ORT p50 ms (batch {batch})", f"{lat['original']['p50_ms']:.3f}",
-                     f"{lat['compressed']['p50_ms']:.3f}", f"{lat['speedup']:.2f}x faster"))
+                     f"{lat['compressed']['p50_ms']:.3f}", _speed(lat["speedup"])))
     return rows
 
 

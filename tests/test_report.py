@@ -35,3 +35,14 @@ def test_markdown_shows_the_method_choices() -> None:
     assert "prune then tucker" in section and "scoring_seconds 1.5" in section
     assert "formulation compact; cutoff scree" in section
     assert "| pw.0 | 2 | 64 | 40 |" in section
+
+
+def test_summary_signs_changes_and_says_slower_when_it_is() -> None:
+    side = {"params": 100, "macs": 1000, "filters": 10, "onnx_bytes": 400, "accuracy": 0.9}
+    rep = {"original": side, "compressed": {**side, "params": 67, "filters": 24, "accuracy": 0.88},
+           "latency": {"1": {"original": {"p50_ms": 1.0}, "compressed": {"p50_ms": 1.5}, "speedup": 1 / 1.5},
+                       "32": {"original": {"p50_ms": 2.6}, "compressed": {"p50_ms": 2.0}, "speedup": 1.3}}}
+    rows = {r[0]: r[3] for r in report.summary_rows(rep)}
+    assert rows["params"] == "-33.0%" and rows["filters"] == "+140.0%" and rows["MACs"] == "+0.0%"
+    assert rows["ORT p50 ms (batch 1)"] == "1.50x slower" and rows["ORT p50 ms (batch 32)"] == "1.30x faster"
+    assert rows["top-1"] == "-2.00 pts"
