@@ -335,8 +335,10 @@ def _wrap(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[AdaptiveTuc
 
 def _run_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer,
                wrapped: Mapping[str, tuple[AdaptiveTucker, nn.Conv2d]], *, cfg: AdaptiveConfig, step: int, total: int,
-               device: torch.device, budget: int | None) -> tuple[int, float, float]:
-    """One pass over ``loader``; returns the next global step, the mean loss and the training top-1."""
+               device: torch.device, budget: int | None,
+               settled: dict[str, list[int]]) -> tuple[int, float, float]:
+    """One pass over ``loader``; returns the next global step, the mean loss and the training top-1. ``settled``
+    receives each layer's ranks after every truncation (an epoch can end mid-cycle, with the bases augmented)."""
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0
     layers = {name: layer for name, (layer, _) in wrapped.items()}
     model.train()
@@ -363,6 +365,7 @@ def _run_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer,
                     layer.factor(mode).grad = None
         if cycle_pos == cfg.period - 1 or step == total - 1:  # 3) truncate with tolerance tau
             _truncate(wrapped, opt, cfg, budget)
+            settled.update({name: layer.ranks() for name, layer in layers.items()})
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(dim=1) == y).sum()
         seen, step = seen + len(y), step + 1
@@ -435,7 +438,8 @@ def adaptive_finetune(model: nn.Module, loader: Any, *, record: Mapping[str, Any
     model = copy.deepcopy(model).to(device)
     wrapped = _wrap(model, dict(record.get("layers", {})))
     layers = {name: layer for name, (layer, _) in wrapped.items()}
-    trajectory = {name: [layer.ranks()] for name, layer in layers.items()}
+    trajectory = {name: [layer.ranks()] for name, layer in layers.items()}  # then the settled ranks per epoch
+    settled = {name: layer.ranks() for name, layer in layers.items()}
     budget = _start_budget(model, wrapped, loader, cfg.metric, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
@@ -446,15 +450,15 @@ def adaptive_finetune(model: nn.Module, loader: Any, *, record: Mapping[str, Any
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         step, loss, train_acc = _run_epoch(model, loader, opt, wrapped, cfg=cfg, step=step, total=total, device=device,
-                                           budget=budget)
+                                           budget=budget, settled=settled)
         if not math.isfinite(loss):
             raise CompressorError(f"adaptive fine-tuning diverged: the loss is {loss} in epoch {epoch}; lower --lr")
-        for name, layer in layers.items():
-            trajectory[name].append(layer.ranks())
+        for name in layers:
+            trajectory[name].append(list(settled[name]))
         eval_acc = evaluate(model, eval_loader, device=device) if eval_loader is not None else None
         history.append({"epoch": epoch, "loss": loss, "train_acc": train_acc, "eval_acc": eval_acc,
                         "lr": cosine_lr(step - 1, total, cfg.lr, 0), "seconds": time.perf_counter() - t0,
-                        "ranks": sum(sum(r) for r in (layer.ranks() for layer in layers.values()))})
+                        "ranks": sum(sum(r) for r in settled.values())})
         bar.epoch(history[-1])
     new_layers, densified = _export(model, wrapped)
     return AdaptiveResult(model=model, record={**record, "layers": new_layers}, trajectory=trajectory,

@@ -283,14 +283,18 @@ def test_larger_tau_gives_smaller_ranks_and_the_record_replays(factorised: tuple
 def test_ranks_grow_without_a_budget_and_the_budget_holds(factorised: tuple) -> None:
     _, model, record = factorised
     start = sum(sum(r) for r in record["layers"].values())
-    def run(metric: str | None) -> ta.AdaptiveResult:
-        config = ta.AdaptiveConfig(epochs=2, lr=0.5, tau=0.01, period=4, metric=metric)
+    def run(metric: str | None, period: int = 4) -> ta.AdaptiveResult:
+        config = ta.AdaptiveConfig(epochs=2, lr=0.5, tau=0.01, period=period, metric=metric)
         return ta.adaptive_finetune(model, _problem(), record=record, config=config, progress=False)
 
     free = run(None)
     assert max(sum(sum(r) for r in t) for t in zip(*free.trajectory.values())) > start
-    capped = run("params")
+    capped = run("params", period=3)  # 4 batches: epoch 1 ends on a probe step, with the bases augmented
     assert 0.98 * count_params(model) <= count_params(capped.model) <= count_params(model)
+    # The trajectory holds ranks after truncation (not the augmented bases of a cycle an epoch ended in): the last
+    # entry is what was exported, and under a budget no entry exceeds the starting ranks' total by much.
+    assert all(t[-1] == capped.record["layers"][n] for n, t in capped.trajectory.items() if n in capped.record["layers"])
+    assert all(sum(sum(r) for r in t) <= 1.1 * start for t in zip(*capped.trajectory.values()))
 
 
 def test_budget_ranks_trims_and_fills_to_the_budget() -> None:
