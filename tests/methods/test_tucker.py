@@ -293,7 +293,8 @@ def test_ranks_grow_without_a_budget_and_the_budget_holds(factorised: tuple) -> 
     assert 0.98 * count_params(model) <= count_params(capped.model) <= count_params(model)
     # The trajectory holds ranks after truncation (not the augmented bases of a cycle an epoch ended in): the last
     # entry is what was exported, and under a budget no entry exceeds the starting ranks' total by much.
-    assert all(t[-1] == capped.record["layers"][n] for n, t in capped.trajectory.items() if n in capped.record["layers"])
+    exported = capped.record["layers"]
+    assert all(t[-1] == exported[n] for n, t in capped.trajectory.items() if n in exported)
     assert all(sum(sum(r) for r in t) <= 1.1 * start for t in zip(*capped.trajectory.values()))
 
 
