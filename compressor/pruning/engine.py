@@ -269,8 +269,8 @@ def allocate_uniform(
 
     Walks :func:`removal_schedule` in blocks of ``round_to`` and bisects on the number of steps (the removed
     fraction grows with it). Alignment is best effort, the target is not: when aligned blocks are too coarse to land
-    within ±2 points, the walk continues from the last aligned prefix below the target one channel at a time, so a
-    few groups end unaligned (the report's keep counts show which).
+    within ±2 points, the walk continues from the last prefix below the target with half the alignment, down to one
+    channel at a time, so a few groups end less aligned (the report's keep counts show which).
     """
     if metric not in METRICS:
         raise InputError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -281,10 +281,17 @@ def allocate_uniform(
 
     aligned = removal_schedule(groups, min_keep=min_keep, round_to=round_to)
     best = _walk(groups, aligned, {}, target, achieved)
-    if abs(best.achieved - target) > TARGET_TOLERANCE and round_to > 1:
-        below = best.keep if best.achieved < target else _walk(groups, aligned, {}, target, achieved, below=True).keep
-        fine = removal_schedule(groups, min_keep=min_keep, round_to=1, start=below)
-        best = _walk(groups, fine, below, target, achieved)
+    below: dict[str, int] = {}
+    while abs(best.achieved - target) > TARGET_TOLERANCE and round_to > 1:
+        # Too coarse: continue from the last prefix under the target with half the alignment (8, 4, 2, 1), so that
+        # as many channels as possible stay in blocks the runtime handles well.
+        if best.achieved < target:
+            below = best.keep
+        else:
+            below = _walk(groups, aligned, below, target, achieved, below=True).keep
+        round_to //= 2
+        aligned = removal_schedule(groups, min_keep=min_keep, round_to=round_to, start=below)
+        best = _walk(groups, aligned, below, target, achieved)
     if abs(best.achieved - target) > TARGET_TOLERANCE:
         floors = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=1) for g in groups}
         raise PruningError(
