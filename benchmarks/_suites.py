@@ -13,8 +13,8 @@ Suites:
 * ``smoke``: ResNet-20, three methods at 0.5 and ``l1`` at a MAC target; 1 epoch on 1,000 images, top-1 on 500 test
   images, 128 calibration images. It checks the harness, not the methods.
 * ``cpu``: ResNet-20 and ResNet-56, every method (and ``tucker-adaptive``, see :data:`VARIANTS`), the full grid;
-  1 epoch on 10,000 images (class-balanced). Runs target by target (0.33 of each method's default metric first), so an interrupted run (``--resume`` continues it)
-  has compared every method at one budget before it starts the next.
+  1 epoch on 10,000 images (class-balanced). Runs target by target (0.33 of each method's default metric first), so
+  an interrupted run (``--resume`` continues it) has compared every method at one budget before it starts the next.
 * ``cpu-long``: the comparison that matters most at a larger CPU budget: ResNet-56 at 0.33 with ``random``, ``l1``,
   ``cmi``, ``mipp`` and ``tucker``, 3 epochs on 20,000 images (6x the ``cpu`` budget).
 * ``gpu``: the same grid with a real budget: 30 epochs on all 50,000 images, CUDA (AMP) for fine-tuning.
@@ -123,7 +123,8 @@ class Suite:
 
 
 CIFAR10 = DataSpec(train="data/cifar10/train.npz", eval="data/cifar10/test1000.npz", normalize="imagenet")
-SHAPES = DataSpec(train="shapes_train.npz", eval="shapes_test.npz", normalize="0.5,0.5,0.5/0.5,0.5,0.5", root="repo")
+SHAPES = DataSpec(train="shapes_train_set.npz", eval="shapes_test_set.npz", normalize="0.5,0.5,0.5/0.5,0.5,0.5",
+                  root="repo")
 MODELS = {
     "resnet20": ModelSpec("resnet20", "models/cifar10-resnet/resnet20-12fca82f.th", "resnet20", CIFAR10),
     "resnet56": ModelSpec("resnet56", "models/cifar10-resnet/resnet56-4bfd9763.th", "resnet56", CIFAR10),

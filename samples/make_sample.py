@@ -6,7 +6,8 @@ Fully offline and deterministic (seeded NumPy and torch, CPU only). Run from the
 
 It writes, next to this file:
 
-* ``shapes_train.npz`` and ``shapes_test.npz``: ``x`` uint8 ``(N, 32, 32, 3)`` (NHWC, RGB) and ``y`` int64 ``(N,)``;
+* ``shapes_train_set.npz`` and ``shapes_test_set.npz``: ``x`` uint8 ``(N, 32, 32, 3)`` (NHWC, RGB) and ``y`` int64
+  ``(N,)``;
 * ``samplenet.pt``: ``{'state_dict', 'arch': 'samplenet', 'normalize': '0.5,0.5,0.5/0.5,0.5,0.5', 'accuracy'}``,
   loadable with ``torch.load(path, weights_only=True)``.
 
@@ -221,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     x_train, y_train = make_dataset(args.train_per_class, rng)
     x_test, y_test = make_dataset(args.test_per_class, rng)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(args.out_dir / "shapes_train.npz", x=x_train, y=y_train)
-    np.savez_compressed(args.out_dir / "shapes_test.npz", x=x_test, y=y_test)
+    np.savez_compressed(args.out_dir / "shapes_train_set.npz", x=x_train, y=y_train)
+    np.savez_compressed(args.out_dir / "shapes_test_set.npz", x=x_test, y=y_test)
     print(f"data: {len(y_train)} train, {len(y_test)} test images ({time.perf_counter() - start:.1f} s)")
 
     model = create_model("samplenet", num_classes=len(CLASSES))

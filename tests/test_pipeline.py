@@ -59,7 +59,7 @@ def _sample_model() -> Path:
 
 def test_sample_pipeline_writes_every_output(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = compress(_sample_model(), data=SAMPLES / "shapes_train.npz", eval_data=SAMPLES / "shapes_test.npz",
+    result = compress(_sample_model(), data=SAMPLES / "shapes_train_set.npz", eval_data=SAMPLES / "shapes_test_set.npz",
                       normalize="0.5,0.5,0.5/0.5,0.5,0.5", method="l1", target=0.33, epochs=1, batch_size=64,
                       bench_batches=(1, 4), bench_repeats=5, out=out)
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -169,7 +169,7 @@ def test_akamaster_checkpoint_loads_strictly_and_matches(name: str, cifar_test: 
 def test_sample_data_format() -> None:
     total = 0
     for split in ("train", "test"):
-        path = SAMPLES / f"shapes_{split}.npz"
+        path = SAMPLES / f"shapes_{split}_set.npz"
         data = np.load(path)
         x, y = data["x"], data["y"]
         assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (32, 32, 3)
@@ -186,7 +186,7 @@ def test_sample_model_loads_and_is_accurate() -> None:
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     mean_text, std_text = checkpoint["normalize"].split("/")
     mean, std = (tuple(float(v) for v in text.split(",")) for text in (mean_text, std_text))
-    data = np.load(SAMPLES / "shapes_test.npz")
+    data = np.load(SAMPLES / "shapes_test_set.npz")
     top1 = _top1(model, _to_input(data["x"], mean, std), torch.from_numpy(data["y"]))
     assert top1 >= 80.0
     assert abs(top1 - checkpoint["accuracy"]) <= 1.0, f"top-1 {top1:.1f} vs recorded {checkpoint['accuracy']:.1f}"
