@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +44,7 @@ from ..pruning.engine import PruningGroup, floor_keep, full_tp_group
 from ..pruning.scorers import Scorer, ScoringContext, ScoringResult, register_scorer
 from ..scoring import selection as sel
 from ..scoring.mutual_info import check_saturation, gram_matrix, label_gram
-from . import reject_unknown_options
+from . import recording, reject_unknown_options
 
 CONDITIONS = ("layer", "full", "compact")
 CUTOFFS = ("target", "scree", "permutation")
@@ -161,33 +160,12 @@ def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.flatten(2) if x.ndim >= 3 else x.reshape(x.shape[0], x.shape[1], 1)
 
 
-@contextmanager
-def _hooks(model: nn.Module, points: Sequence[tuple[str, bool]], store: dict, fired: dict,
-           pool: int) -> Iterator[None]:
-    """Record the pooled input (or output) of each ``(module name, output?)`` point into ``store``; hooks are
-    removed and the model's train/eval mode restored in ``finally``. Nothing is set on the user's modules."""
-    modules = dict(model.named_modules())
-    handles = []
-    was_training = model.training
-
-    def make(key: tuple[str, bool]) -> Any:
-        def record(module: nn.Module, args: tuple, output: Any = None) -> None:
-            fired.setdefault(key, len(fired))
-            x = output if key[1] else args[0]
-            store.setdefault(key, []).append(_pool(x.detach(), pool).cpu())
-        return record
-
-    try:
-        for key in points:
-            module = modules[key[0]]
-            hook = module.register_forward_hook if key[1] else module.register_forward_pre_hook
-            handles.append(hook(make(key)))
-        model.eval()
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+def _recorder(store: dict, fired: dict, pool: int) -> Callable[[tuple[str, bool], torch.Tensor], None]:
+    """Keep each point's pooled maps (on the CPU) in ``store`` and the order in which the points first fired."""
+    def record(key: tuple[str, bool], x: torch.Tensor) -> None:
+        fired.setdefault(key, len(fired))
+        store.setdefault(key, []).append(_pool(x, pool).cpu())
+    return record
 
 
 def capture(model: nn.Module, taps: Mapping[str, Sequence[Tap]], calib: Any, *, pool: int
@@ -203,7 +181,7 @@ def capture(model: nn.Module, taps: Mapping[str, Sequence[Tap]], calib: Any, *, 
     fired: dict = {}
     labels, batches = [], 0
     device = next(model.parameters()).device
-    with _hooks(model, points, store, fired, pool), torch.no_grad():
+    with recording(model, points, _recorder(store, fired, pool)), torch.no_grad():
         for x, y in calib:
             model(x.to(device))
             labels.append(torch.as_tensor(y).reshape(-1))

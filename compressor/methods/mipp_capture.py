@@ -10,8 +10,7 @@ pooled per image (renyi).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from torch import nn
 from ..errors import InputError, PruningError
 from ..pruning import engine
 from ..pruning.engine import PruningGroup, full_tp_group
+from . import recording
 from .cmi import Tap, find_taps
 
 if TYPE_CHECKING:
@@ -148,35 +148,14 @@ def _resolve(problems: Mapping[str, list[Problem]], order: Mapping[tuple[str, st
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
-@contextmanager
-def _recording(model: nn.Module, names: Sequence[str], store: dict, order: dict) -> Iterator[None]:
-    """Keep the input and output of every module in ``names`` per forward call in ``store`` and the order of the
-    calls in ``order``; hooks are removed and the train/eval mode restored in ``finally``."""
-    modules = dict(model.named_modules())
-    handles, was_training = [], model.training
-
-    def pre(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            order.setdefault((name, "in"), len(order))
-            store[(name, "in")] = store.get((name, "in"), []) + [args[0].detach()]
-        return hook
-
-    def post(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            order.setdefault((name, "out"), len(order))
-            store[(name, "out")] = store.get((name, "out"), []) + [output.detach()]
-        return hook
-
-    try:
-        for name in names:
-            handles.append(modules[name].register_forward_pre_hook(pre(name)))
-            handles.append(modules[name].register_forward_hook(post(name)))
-        model.eval()
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+def _recorder(store: dict, order: dict) -> Callable[[tuple[str, bool], torch.Tensor], None]:
+    """Keep the input and output of every recorded module per forward call in ``store`` under ``(name, "in")`` /
+    ``(name, "out")``, and the order in which those first ran in ``order``."""
+    def record(key: tuple[str, bool], x: torch.Tensor) -> None:
+        point = (key[0], "out" if key[1] else "in")
+        order.setdefault(point, len(order))
+        store.setdefault(point, []).append(x)
+    return record
 
 
 def _channels(x: torch.Tensor, idxs: Sequence[int]) -> torch.Tensor:
@@ -265,6 +244,7 @@ def capture(model: nn.Module, problems: Mapping[str, list[Problem]], taps: Mappi
     modules = dict(model.named_modules())
     consumers = sorted({p.consumer for probs in problems.values() for p in probs})
     names = consumers + sorted(n for n, m in modules.items() if isinstance(m, _POOLS))
+    points = [(name, output) for name in names for output in (False, True)]  # each module's input and output
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     moments, order, folds, seen = Moments(), {}, [], 0
@@ -273,7 +253,7 @@ def capture(model: nn.Module, problems: Mapping[str, list[Problem]], taps: Mappi
         for batch in calib:
             for x in batch[0].split(CHUNK):
                 store: dict = {}
-                with _recording(model, names, store, order):
+                with recording(model, points, _recorder(store, order)):
                     model(x.to(device))
                 if not folds:
                     _check_calls(store, consumers)

@@ -34,8 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +58,7 @@ from ..transforms import (
     TransformResult,
     register_transform,
 )
-from . import reject_unknown_options
+from . import recording, reject_unknown_options
 
 __all__ = ["OPTION_KEYS", "RANK_RULES", "TuckerOptions", "TuckerTransform", "parse_options", "tucker_block"]
 
@@ -173,36 +172,17 @@ def _eligibility(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str, n
     return eligible, dense
 
 
-@contextmanager
-def _capture_input_sizes(convs: Mapping[str, nn.Conv2d]) -> Iterator[dict[str, list[tuple[int, int]]]]:
-    """Record every input spatial size each conv sees during the forward passes run inside the block."""
-    sizes: dict[str, list[tuple[int, int]]] = {name: [] for name in convs}
-    handles = []
-
-    def hook(name: str):
-        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            sizes[name].append((int(inputs[0].shape[-2]), int(inputs[0].shape[-1])))
-        return record
-
-    try:
-        for name, conv in convs.items():
-            handles.append(conv.register_forward_pre_hook(hook(name)))
-        yield sizes
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def conv_shapes(model: nn.Module, convs: Mapping[str, nn.Conv2d], example: torch.Tensor,
                 dense: dict[str, str]) -> dict[str, ConvShape]:
-    """Geometry of each conv at ``example``'s size; convs not run exactly once go to ``dense`` with the reason."""
-    with _capture_input_sizes(convs) as sizes, torch.no_grad():
-        was_training = model.training
-        model.eval()
-        try:
-            model(example[:1])
-        finally:
-            model.train(was_training)
+    """Geometry of each conv at ``example``'s size (``convs`` keyed by module name in ``model``); convs not run exactly
+    once go to ``dense`` with the reason."""
+    sizes: dict[str, list[tuple[int, int]]] = {name: [] for name in convs}
+
+    def record(key: tuple[str, bool], x: torch.Tensor) -> None:
+        sizes[key[0]].append((int(x.shape[-2]), int(x.shape[-1])))
+
+    with recording(model, [(name, False) for name in convs], record), torch.no_grad():
+        model(example[:1])
     shapes = {}
     for name, seen in sizes.items():
         if len(seen) != 1:
