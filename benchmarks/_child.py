@@ -42,6 +42,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_json(path: Path, payload: Any, *, indent: int = 1) -> None:
+    """Write a benchmark's results file atomically (folders created as needed)."""
+    atomic_write_text(path, json.dumps(payload, indent=indent) + "\n")
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

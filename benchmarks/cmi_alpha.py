@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ._child import write_json
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEFAULT_MODEL = SHARED / "models/cifar10-resnet/resnet56-4bfd9763.th"
 DEFAULT_DATA = SHARED / "data/cifar10/train.npz"
@@ -120,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: not found: {path} (pass --model / --data)", file=sys.stderr)
             return 0
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result["summary"], indent=1))
     return 0
 

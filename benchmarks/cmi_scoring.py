@@ -77,6 +77,8 @@ from compressor.scoring.mutual_info import (
 )
 from compressor.scoring.selection import greedy_select
 
+from ._child import write_json
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEFAULT_MODEL = SHARED / "models/cifar10-resnet/resnet56-4bfd9763.th"
 DEFAULT_DATA = SHARED / "data/cifar10/train.npz"
@@ -642,8 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 "end": [round(x, 2) for x in os.getloadavg()]}},
         "wall_seconds": round(time.perf_counter() - began, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(table(cpu_rows, f"CPU, {args.threads} thread(s)"))
     if isinstance(gpu, dict):
         print(table(gpu["rows"], gpu["device"]))

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from ._child import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = SHARED / "models/cifar10-resnet/resnet56-4bfd9763.th"
@@ -91,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     payload = {"command": "python -m benchmarks.cmi_variants" + (" --quick" if args.quick else ""),
                "model": str(MODEL.name), "target": args.target, "cpu_count": os.cpu_count(), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, payload)
     return 1 if any("error" in r for r in rows) else 0
 
 

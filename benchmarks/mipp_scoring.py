@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._child import write_json
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODELS = {"resnet20": "models/cifar10-resnet/resnet20-12fca82f.th",
           "resnet56": "models/cifar10-resnet/resnet56-4bfd9763.th"}
@@ -165,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: not found: {path} (the ../shared checkout)", file=sys.stderr)
             return 0
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result["summary"], indent=1))
     return 0
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from compressor import compress
 from compressor.errors import CompressorError
 
+from ._child import write_json
+
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "shared/models/cifar10-resnet/resnet56-4bfd9763.th"
 
 
@@ -53,11 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         row["efficiency_b32"] = row["speedup_b32"] * row["macs_ratio"]  # speedup / MAC reduction factor
         rows.append(row)
         print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": str(args.model), "target": args.target, "threads": args.threads, "rows": rows,
                "benchmark": result.report["benchmark"], "versions": result.report["versions"],
                "machine": result.report["machine"]}
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload, indent=2)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 from compressor import compress
 from compressor.errors import CompressorError
+
+from ._child import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEFAULT_MODEL = SHARED / "models/cifar10-resnet/resnet56-4bfd9763.th"
@@ -86,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         row = rows[-1]
         print(f"{name}: achieved {row['achieved']:.4f} params {row['params'][1]} macs {row['macs'][1]} "
               f"top1 {row['top1']} speedup {row['speedup']}", file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"target": args.target, "epochs": args.epochs, "threads": args.threads,
-                                    "repeats": args.repeats, "rows": rows}, indent=1) + "\n")
+    write_json(args.out, {"target": args.target, "epochs": args.epochs, "threads": args.threads,
+                          "repeats": args.repeats, "rows": rows})
     return 0
 
 
