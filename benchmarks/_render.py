@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -250,12 +251,10 @@ def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir:
     return lines
 
 
-def _median(values: list[float]) -> float | None:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+def _median(values: list[float | None]) -> float | None:
+    """Median of the values that are not None (None when there are none)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def efficiency_section(stored: dict[str, dict[str, Any]], results_dir: Path) -> list[str]:
