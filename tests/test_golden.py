@@ -1,0 +1,28 @@
+"""The golden record (``tests/golden/resnet20_t033.json``, written by ``python -m benchmarks.golden`` before the core
+redesign): every method must still choose the same channels and ranks and reach the same size and top-1 on
+ResNet-20 at ``--target 0.33 --epochs 0``. A documented fix that changes a row regenerates the file and says so."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import golden
+
+from .conftest import shared_file
+
+RECORD = json.loads(golden.GOLDEN.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(RECORD["methods"]))
+def test_method_choices_match_the_golden_record(method: str) -> None:
+    for name in (golden.CHECKPOINT, golden.TRAIN, golden.TEST):
+        shared_file(name)
+    expected, got = RECORD["methods"][method], golden.capture(method)
+    assert got["kept"] == expected["kept"], f"{method}: kept channels differ from the golden record"
+    assert got["ranks"] == expected["ranks"], f"{method}: Tucker ranks differ from the golden record"
+    for key in ("params", "macs", "filters"):
+        assert got[key] == expected[key], f"{method}: {key} {got[key]} != golden {expected[key]}"
+    assert got["top1"] == pytest.approx(expected["top1"], abs=0.002), f"{method}: top-1 moved"
