@@ -124,7 +124,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top-k", type=int, default=16)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 avoids MKL stalls on busy hosts")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's); 1 avoids MKL stalls on busy hosts")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args()
     if args.threads:

@@ -464,7 +464,7 @@ def runtime_info() -> dict[str, Any]:
         ``onnxruntime_version`` (str or None), ``available_providers`` (list), ``packages`` (distribution name ->
         version, for every onnxruntime distribution found) and ``conflict`` (more than one distribution).
     """
-    packages = {name: version for name in _ORT_DISTRIBUTIONS if (version := _dist_version(name)) is not None}
+    packages = {name: found for name in _ORT_DISTRIBUTIONS if (found := _dist_version(name)) is not None}
     try:
         ort = importlib.import_module("onnxruntime")
         version: str | None = str(ort.__version__)

@@ -294,7 +294,8 @@ def test_loader_scales_normalises_and_batches() -> None:
     assert len(loader) == len(batches) == 3 and [len(y) for _, y in batches] == [4, 4, 2]
     x, y = batches[0]
     assert x.dtype == torch.float32 and y.dtype == torch.int64
-    assert torch.allclose(x[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(x[0, :, 0, 0], (1 - mean) / std)
     assert len(make_loader(ds, batch_size=4, normalize=None, drop_last=True)) == 2
     with pytest.raises(InputError, match="batch size"):
         make_loader(ds, batch_size=0, normalize=None)

@@ -83,7 +83,8 @@ def test_weights_without_arch_ask_for_arch(tmp_path: Path, resnet20_state: dict)
         load_model(path, arch="resnet21")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"this is not a checkpoint", b"PK\x03\x04broken zip"])
+@pytest.mark.parametrize("content",
+                         [b"", b"not a checkpoint at all", b"this is not a checkpoint", b"PK\x03\x04broken zip"])
 def test_garbage_is_not_a_checkpoint(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "junk.pt"
     path.write_bytes(content)
@@ -127,7 +128,8 @@ def test_user_factory_file(tmp_path: Path) -> None:
     factory.write_text(
         "import torch.nn as nn\n"
         "def build():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(4, 2))\n"
     )
     weights = tmp_path / "w.pt"
     import importlib.util

@@ -227,7 +227,8 @@ def _load_image_folder(root: Path, *, max_bytes: int) -> ImageDataset:
         raise DataError(f"{root}: no images found in class sub-directories"
                         f"{' (images must sit in one sub-directory per class, not at the top)' if loose else ''}; "
                         f"expected {_FORMATS}")
-    size, modes = None, set()
+    size: tuple[int, int] | None = None
+    modes: set[str] = set()
     for f, _ in files:  # headers only: check sizes before decoding anything
         try:
             with Image.open(f) as im:
@@ -239,6 +240,7 @@ def _load_image_folder(root: Path, *, max_bytes: int) -> ImageDataset:
                                     "all images must share one size (resize them first)")
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"cannot read image {f}: {exc}") from None
+    assert size is not None  # files is not empty, so the loop above set it
     mode = "L" if modes <= {"1", "L", "LA"} else "RGB"
     channels = 1 if mode == "L" else 3
     need = len(files) * channels * size[0] * size[1]

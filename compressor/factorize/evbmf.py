@@ -147,10 +147,10 @@ def _sigma2_objective(sigma2: float, gamma2: np.ndarray, *, m: int, h: int, alph
     return value
 
 
-def _estimate_sigma2(gamma2: np.ndarray, *, l: int, m: int, h: int, alpha: float, x_bar: float) -> float:
+def _estimate_sigma2(gamma2: np.ndarray, *, L: int, m: int, h: int, alpha: float, x_bar: float) -> float:
     """Minimise the EVB objective over ``[sigma2_lower, sigma2_upper]``: log-grid scan, then golden section."""
-    upper = float(np.sum(gamma2)) / (l * m)
-    e_h = min(math.ceil(l / (1.0 + alpha)) - 1, h)
+    upper = float(np.sum(gamma2)) / (L * m)
+    e_h = min(math.ceil(L / (1.0 + alpha)) - 1, h)
     lower = max(float(gamma2[e_h]) / (m * x_bar), float(np.mean(gamma2[e_h:])) / m)
     lower = min(max(lower, upper * 1e-12), upper)
 
@@ -242,15 +242,15 @@ def evbmf(
         raise ValueError(f"evbmf needs a non-empty 2-D matrix, got shape {tuple(y.shape)}")
     if y.shape[0] > y.shape[1]:
         y = y.T
-    l, m = y.shape
-    h = l if H is None else H
-    if not 1 <= h <= l:
-        raise ValueError(f"H must be in [1, {l}] for a {l}x{m} matrix, got {h}")
+    L, m = y.shape
+    h = L if H is None else H
+    if not 1 <= h <= L:
+        raise ValueError(f"H must be in [1, {L}] for a {L}x{m} matrix, got {h}")
     if sigma2 is not None and not sigma2 > 0.0:
         raise ValueError(f"sigma2 must be positive, got {sigma2}")
     gamma = torch.linalg.svdvals(y).numpy()
     gamma2 = gamma * gamma
-    alpha = l / m
+    alpha = L / m
     tau_bar = evb_tau_threshold(alpha)
     x_bar = (1.0 + tau_bar) * (1.0 + alpha / tau_bar)
     if sigma2 is None:
@@ -258,11 +258,11 @@ def evbmf(
             return EVBMFResult(
                 rank=0, singular_values=torch.zeros(0, dtype=torch.float64), sigma2=0.0, threshold=0.0
             )
-        sigma2 = _estimate_sigma2(gamma2, l=l, m=m, h=h, alpha=alpha, x_bar=x_bar)
+        sigma2 = _estimate_sigma2(gamma2, L=L, m=m, h=h, alpha=alpha, x_bar=x_bar)
     threshold = math.sqrt(m * sigma2 * x_bar)
     kept = gamma[:h][gamma[:h] >= threshold]
-    shrink = 1.0 - (l + m) * sigma2 / kept**2
-    posterior = 0.5 * kept * (shrink + np.sqrt(np.maximum(shrink**2 - 4.0 * l * m * sigma2**2 / kept**4, 0.0)))
+    shrink = 1.0 - (L + m) * sigma2 / kept**2
+    posterior = 0.5 * kept * (shrink + np.sqrt(np.maximum(shrink**2 - 4.0 * L * m * sigma2**2 / kept**4, 0.0)))
     return EVBMFResult(
         rank=int(kept.size), singular_values=torch.from_numpy(posterior.copy()), sigma2=float(sigma2),
         threshold=threshold,

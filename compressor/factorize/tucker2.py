@@ -82,7 +82,7 @@ class ConvShape:
         if conv.padding == "same":  # torch allows 'same' only with stride 1: the size is kept
             out = tuple(in_hw)
         else:
-            pad = (0, 0) if conv.padding == "valid" else conv.padding
+            pad = (0, 0) if isinstance(conv.padding, str) else conv.padding  # the only other str is 'valid'
             out = tuple(
                 (in_hw[d] + 2 * pad[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1) // conv.stride[d] + 1
                 for d in range(2)
@@ -265,6 +265,7 @@ def _plain_conv(
     )
     conv.weight.copy_(weight.to(like.dtype))
     if bias is not None:
+        assert conv.bias is not None  # built with bias=True just above
         conv.bias.copy_(bias.detach())
     conv.requires_grad_(like.requires_grad)
     return conv

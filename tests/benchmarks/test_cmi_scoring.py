@@ -1,4 +1,5 @@
-"""``benchmarks/cmi_scoring.py``: the naive reference agrees with the library, so its speedups compare like with like."""
+"""``benchmarks/cmi_scoring.py``: the naive reference agrees with the library, so its speedups compare like with
+like."""
 
 from __future__ import annotations
 

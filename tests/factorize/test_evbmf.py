@@ -64,15 +64,15 @@ def test_weak_component_below_threshold_is_dropped() -> None:
 
 def test_known_sigma2_gives_the_analytic_threshold_and_shrinkage() -> None:
     y = planted(60, 40, [60.0, 50.0, 40.0, 30.0, 25.0], noise=1.0, seed=1)
-    l, m, sigma2 = 40, 60, 1.0
+    L, m, sigma2 = 40, 60, 1.0
     result = evbmf(y, sigma2=sigma2)
-    tau = evb_tau_threshold(l / m)
-    assert result.threshold == pytest.approx(math.sqrt(m * sigma2 * (1 + tau) * (1 + (l / m) / tau)))
+    tau = evb_tau_threshold(L / m)
+    assert result.threshold == pytest.approx(math.sqrt(m * sigma2 * (1 + tau) * (1 + (L / m) / tau)))
     gamma = torch.linalg.svdvals(y)
     assert result.rank == int((gamma >= result.threshold).sum())
     g = gamma[: result.rank]
-    c = 1 - (l + m) * sigma2 / g**2
-    expected = g / 2 * (c + torch.sqrt(c**2 - 4 * l * m * sigma2**2 / g**4))
+    c = 1 - (L + m) * sigma2 / g**2
+    expected = g / 2 * (c + torch.sqrt(c**2 - 4 * L * m * sigma2**2 / g**4))
     torch.testing.assert_close(result.singular_values, expected)
     # A huge noise variance keeps nothing; H caps the rank.
     assert evbmf(y, sigma2=1e4).rank == 0
