@@ -87,8 +87,8 @@ class CompressConfig:
         checks = [
             (isinstance(self.target, (int, float)) and 0.0 < self.target < 1.0 and math.isfinite(self.target),
              f"--target must be a fraction in the open interval (0, 1), e.g. 0.33; got {self.target}"),
-            (self.target_metric is None or self.target_metric in METRICS, f"--target-metric must be one of {', '.join(METRICS)}; "
-                                            f"got {self.target_metric!r}"),
+            (self.target_metric is None or self.target_metric in METRICS,
+             f"--target-metric must be one of {', '.join(METRICS)}; got {self.target_metric!r}"),
             (self.round_to >= 1, f"--round-to must be >= 1; got {self.round_to}"),
             (0.0 < self.min_keep < 1.0, f"--min-keep must be in (0, 1); got {self.min_keep}"),
             (self.calib_samples >= 1, f"--calib-samples must be >= 1; got {self.calib_samples}"),

@@ -241,8 +241,7 @@ def compressed_payload(
 
 def rebuild_compressed(payload: Mapping[str, Any], *, base: nn.Module | None = None) -> nn.Module:
     """Rebuild a compressed model from its payload (architecture + transforms + weights)."""
-    from .transforms import get_transform  # local: transforms import torch-pruning, only needed here
-    from .methods import tucker as _tucker  # noqa: F401 - registers the tucker transform for replay
+    from .methods import replay  # local: methods import torch-pruning, only needed here
 
     arch = str(payload["arch"])
     if arch == PICKLED_ARCH:
@@ -257,8 +256,7 @@ def rebuild_compressed(payload: Mapping[str, Any], *, base: nn.Module | None = N
     else:
         model, _ = _build(arch, payload.get("num_classes"))
     example = torch.zeros((1, *payload["input_shape"]))
-    for record in payload["transforms"]:
-        model = get_transform(str(record["kind"])).replay(model, record, example)
+    model = replay(model, payload["transforms"], example)
     load_state_strict(model, payload["state_dict"], what=f"the compressed {arch}")
     return model.eval()
 

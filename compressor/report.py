@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import platform
 from collections.abc import Mapping
+from dataclasses import asdict
 from importlib import metadata
 from typing import Any
 
@@ -49,6 +50,51 @@ def machine() -> dict[str, Any]:
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count()}
+
+
+def method_section(compressed: Any, method_report: Mapping[str, Any], cfg: Any, *, achieved: float,
+                   bn_recalib_images: int | None) -> dict[str, Any]:
+    """The ``method`` section: name, target, metric, what was achieved, the stages run, the method's typed options
+    and what the method itself reported (its own keys, e.g. ``groups`` and ``cmi``)."""
+    method = compressed.method
+    section: dict[str, Any] = {
+        "name": cfg.method, "target": cfg.target, "target_metric": cfg.target_metric or method.default_metric,
+        "achieved": achieved, "stages": compressed.stages, "at_init": cfg.at_init,
+        "options": method_options(method), **method_report,
+    }
+    if bn_recalib_images is not None:
+        section["bn_recalib_images"] = bn_recalib_images
+    return section
+
+
+def method_options(method: Any) -> dict[str, Any]:
+    """``{method name: {option: value}}`` for a method, or for each step of a chain (and the chain's own)."""
+    steps = getattr(method, "steps", [])
+    out = {s.name: asdict(s.options) for s in steps} if steps else {}
+    out[method.name] = asdict(method.options)
+    return {k: v for k, v in out.items() if v}
+
+
+def assemble(*, tool: dict[str, Any], model: dict[str, Any], method: dict[str, Any], original: dict[str, Any],
+             compressed: dict[str, Any], parity: dict[str, Any], bench: Any, trained: Any, cfg: Any,
+             watch: Any, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report, from the sections each stage contributed (see the module docstring for the schema)."""
+    result = getattr(trained, "result", None)
+    return {
+        "tool": tool, "model": model, "method": method, "original": original, "compressed": compressed,
+        "parity": parity,
+        "latency": bench.latency if bench is not None else {},
+        "benchmark": bench.details if bench is not None else {},
+        "finetune": {"epochs": cfg.epochs, "device": getattr(result, "device", None),
+                     "amp": getattr(result, "amp", None), "history": list(getattr(result, "history", []) or [])},
+        "timings": dict(watch.timings),
+        "layers": layers,
+        "options": cfg.to_dict(),
+        "conventions": {"macs": MAC_CONVENTION, "target": TARGET_CONVENTION,
+                        "accuracy": "top-1 on --eval-data, fraction in [0, 1]"},
+        "versions": versions(),
+        "machine": machine(),
+    }
 
 
 def layer_table(before: nn.Module, after: nn.Module) -> list[dict[str, Any]]:
@@ -198,10 +244,10 @@ def _scalars(facts: Mapping[str, Any]) -> str:
 def _method_section(method: Mapping[str, Any]) -> list[str]:
     """What the method chose: its settings, kept channels per pruning group, Tucker ranks per layer."""
     lines = ["", "## Method", "", f"Stages: {' then '.join(method.get('stages', []))}; "
-             + _scalars({k: v for k, v in method.items() if k not in ("name", "stages")}) + "."]
-    for stage in ("cmi", "mipp", "tucker"):
-        if isinstance(method.get(stage), Mapping):
-            lines += ["", f"{stage}: {_scalars(method[stage])}."]
+             + _scalars({k: v for k, v in method.items() if k not in ("name", "stages", "options")}) + "."]
+    for step in method.get("name", "").split("+"):
+        if isinstance(method.get(step), Mapping):
+            lines += ["", f"{step}: {_scalars(method[step])}."]
     if method.get("groups"):
         lines += ["", "| pruning group (root) | layers | channels | kept |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {g['root']} | {len(g['layers'])} | {g['channels']} | {g['keep']} |" for g in method["groups"]]

@@ -26,21 +26,29 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", list_methods())
-def test_every_method_gives_a_smaller_valid_model(method: str, tiny_data: Path) -> None:
-    """The conformance test every registered method must pass (shape, finite, smaller, deterministic, parity)."""
+CHAINS = ["l1+tucker", "cmi+tucker"]
+
+
+@pytest.mark.parametrize("method", list_methods() + CHAINS)
+def test_every_method_gives_a_smaller_valid_model(method: str, tiny_data: Path, tmp_path: Path) -> None:
+    """The conformance test every registered method and chain must pass: shape kept, finite outputs, the target met
+    in its metric, determinism under a seed, ONNX parity, and the saved record replays through load_compressed."""
     torch.manual_seed(0)
     model = create_model("samplenet").eval()
-    runs = [compress(model, data=tiny_data, method=method, target=0.4, bench_batches=(), seed=3) for _ in range(2)]
+    runs = [compress(model, data=tiny_data, method=method, target=0.4, bench_batches=(), seed=3, out=out)
+            for out in (tmp_path / "run", None)]
     result = runs[0]
     x = torch.randn(3, 3, 32, 32)
     out = result.model(x)
     assert out.shape == (3, 10) and torch.isfinite(out).all()
     assert result.report["compressed"]["params"] < result.report["original"]["params"]
+    metric = result.report["method"]["target_metric"]
+    assert metric == ("params" if "tucker" in method else "filters")
     assert abs(result.report["method"]["achieved"] - 0.4) <= 0.02
     assert result.report["parity"]["max_abs_diff"] <= 1e-4 and result.report["parity"]["top1_agreement"] == 1.0
     assert _choices(result.report) == _choices(runs[1].report)
     torch.testing.assert_close(runs[1].model(x), out)
+    torch.testing.assert_close(load_compressed(tmp_path / "run" / "compressed.pt")(x), out)
 
 
 def _choices(report: dict) -> tuple:

@@ -6,8 +6,9 @@ import pytest
 
 from compressor._registry import Registry
 from compressor.errors import InputError, UnknownNameError
-from compressor.pruning.scorers import Scorer, register_scorer
-from compressor.transforms import PruneTransform, list_methods, plan
+from compressor.methods import REGISTRY, build_method, list_methods
+from compressor.methods.baselines import L1
+from compressor.methods.chain import Chain
 
 
 def test_registry_rejects_duplicates_and_suggests_close_names() -> None:
@@ -21,21 +22,23 @@ def test_registry_rejects_duplicates_and_suggests_close_names() -> None:
         reg.get("rad")
 
 
-def test_a_second_scorer_with_a_taken_name_is_refused() -> None:
+def test_a_second_method_with_a_taken_name_is_refused() -> None:
     with pytest.raises(ValueError, match="already registered"):
-        @register_scorer
-        class Clash(Scorer):  # noqa: F841 - registration is the side effect under test
-            name = "l1"
-
-            def score(self, ctx):
-                raise NotImplementedError
+        REGISTRY.add("l1", L1)
 
 
-def test_plan_parses_chains() -> None:
-    assert {"l1", "random"} <= set(list_methods())
-    steps = plan("l1")
-    assert len(steps) == 1 and isinstance(steps[0], PruneTransform) and steps[0].scorer == "l1"
+def test_build_method_parses_chains() -> None:
+    assert {"l1", "random", "cmi", "mipp", "tucker"} <= set(list_methods())
+    method = build_method("l1")
+    assert isinstance(method, L1)
+    chain = build_method("cmi+tucker", {"chain_split": 0.25})
+    assert isinstance(chain, Chain) and chain.label == "cmi+tucker" and chain.options.split == 0.25
+    assert chain.default_metric == "params" and chain.requires_data
     with pytest.raises(UnknownNameError, match="unknown method 'l3'"):
-        plan("l3")
+        build_method("l3")
     with pytest.raises(InputError, match="at most one pruning method"):
-        plan("l1+random")
+        build_method("l1+random")
+    with pytest.raises(InputError, match="at most one pruning method, first"):
+        build_method("tucker+l1")
+    with pytest.raises(InputError, match="--chain-split must be in"):
+        build_method("l1+tucker", {"chain_split": 1.0})

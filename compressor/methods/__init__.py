@@ -1,56 +1,50 @@
-"""Pruning methods with more machinery than a one-function scorer; each module registers its scorer on import.
+"""Every compression method, registered explicitly in one place: :data:`REGISTRY`.
 
-``compressor.api`` imports them so that ``--method <name>`` finds them.
+``--help``, ``compress methods``, the API and the conformance tests all read this registry, so every method is
+visible whatever was imported first. A new method is one module with one :class:`~compressor.methods.base.Method`
+subclass, added to the tuple below. ``a+b`` builds a :class:`~compressor.methods.chain.Chain`.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import nn
+from .._registry import Registry
+from ..options import parse_options, split_prefixed
+from .base import Method, replay  # noqa: F401 - replay is public here: every method's records are registered
+from .baselines import L1, Random
+from .chain import Chain
+from .cmi import CMI
+from .mipp import MIPP
+from .tucker import Tucker
 
-from ..errors import InputError
-
-
-def reject_unknown_options(method: str, keys: Iterable[str], known: Iterable[str]) -> None:
-    """Raise a one-line :class:`InputError` naming the first of ``keys`` not in ``known`` (and its nearest match)."""
-    known = tuple(known)
-    unknown = sorted(set(keys) - set(known))
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown {method} option {unknown[0]!r}{hint}; known: {', '.join(known)}")
+REGISTRY: Registry[type[Method]] = Registry("method")
+for _cls in (L1, Random, CMI, MIPP, Tucker):
+    REGISTRY.add(_cls.name, _cls)
 
 
-@contextmanager
-def recording(model: nn.Module, points: Sequence[tuple[str, bool]],
-              record: Callable[[tuple[str, bool], torch.Tensor], None]) -> Iterator[None]:
-    """Call ``record((name, output?), tensor)`` with the detached input (``output?`` False) or output of each
-    ``(module name, output?)`` point at every forward call, in execution order, with the model in eval mode.
+def list_methods() -> list[str]:
+    """Registered method names (chains are any of them joined with ``+``)."""
+    return REGISTRY.names()
 
-    The data-driven scorers (``cmi``, ``mipp``) read activations through this. Hooks are removed and the model's
-    train/eval mode restored in ``finally``; nothing is set on the user's modules.
+
+def get_method(name: str) -> type[Method]:
+    """The class registered as ``name``; unknown names raise a one-line error with close matches."""
+    return REGISTRY.get(name)
+
+
+def build_method(spec: str, options: Mapping[str, Any] | None = None) -> Method:
+    """The method ``spec`` (``l1``, ``cmi+tucker``...) with ``options`` keyed ``<method>_<option>``.
+
+    >>> build_method("tucker", {"tucker_tau": 0.2}).options.tau  # doctest: +SKIP
+    0.2
     """
-    modules = dict(model.named_modules())
-    handles, was_training = [], model.training
-
-    def make(key: tuple[str, bool]) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any = None) -> None:
-            record(key, (output if key[1] else args[0]).detach())
-        return hook
-
-    try:
-        for key in points:
-            module = modules[key[0]]
-            register = module.register_forward_hook if key[1] else module.register_forward_pre_hook
-            handles.append(register(make(key)))
-        model.eval()
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    names = spec.split("+")
+    classes = [get_method(n) for n in names]
+    prefixes = names + (["chain"] if len(names) > 1 else [])
+    values = split_prefixed({k: v for k, v in (options or {}).items() if v is not None}, prefixes)
+    steps = [cls.from_values(values[cls.name]) for cls in classes]
+    if len(steps) == 1:
+        return steps[0]
+    return Chain(steps, parse_options(Chain.Options, Chain.name, values["chain"]))

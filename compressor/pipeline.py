@@ -1,0 +1,255 @@
+"""The stages of a compression run, as public functions that each return a typed result.
+
+``load -> prepare -> compress -> recalibrate -> train -> export_verify -> benchmark -> (write)``;
+:func:`compressor.api.compress` chains them, and other entry points (``compress inspect``, the benchmark harness, a
+notebook) can call any of them alone. Each result carries the report section it contributes (``section()``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import data as data_mod
+from . import models
+from .config import CompressConfig
+from .errors import DataError, InputError
+from .io import LoadedModel, load_model
+from .methods.base import Budget, Method, MethodContext
+from .metrics import count_filters, count_macs, count_params
+from .pruning import engine
+from .threads import ThreadPolicy
+from .training import TrainConfig, Trainer, evaluate, recalibrate_bn
+
+
+class Stopwatch:
+    """Seconds per stage, summed over repeated entries."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when PyTorch sees one, else CPU; ``cuda`` without CUDA is a one-line error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available to PyTorch; use --device auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sizes(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """``params``, ``macs`` (one image) and ``filters`` of ``model``."""
+    return {"params": count_params(model), "macs": count_macs(model, example), "filters": count_filters(model)}
+
+
+# ------------------------------------------------------------------------------------------------------ load
+def load(model: Any, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Stage 1: a checkpoint path (see :func:`compressor.io.load_model`) or an ``nn.Module``, in eval mode."""
+    if isinstance(model, nn.Module):
+        return LoadedModel(model.eval(), arch or type(model).__name__, None, "<in-memory module>")
+    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+
+
+# --------------------------------------------------------------------------------------------------- prepare
+@dataclass
+class Prepared:
+    """Stage 2: the datasets, loaders and facts every later stage needs."""
+
+    example: torch.Tensor
+    num_classes: int
+    normalization: Any
+    train: Any = None
+    test: Any = None
+    calib: Any = None  # calibration loader (no augmentation)
+    eval: Any = None  # evaluation loader
+
+    def loader(self, cfg: CompressConfig, *, train: bool) -> Any:
+        """The fine-tuning loader (augmented for 32x32 images unless ``cfg.augment`` says otherwise)."""
+        ds = self.train if train else self.test
+        augment = cfg.augment if cfg.augment is not None else tuple(ds.image_shape[1:]) == (32, 32)
+        return data_mod.make_loader(ds, batch_size=cfg.batch_size, normalize=self.normalization, shuffle=train,
+                                    augment=augment and train, seed=cfg.seed, drop_last=False)
+
+    def subset_loader(self, n: int, *, seed: int, batch_size: int) -> Any:
+        """``n`` class-balanced training images, no augmentation (calibration, BN statistics)."""
+        ds = data_mod.calibration_subset(self.train, n, seed=seed)
+        return data_mod.make_loader(ds, batch_size=batch_size, normalize=self.normalization, shuffle=False,
+                                    augment=False, seed=seed, drop_last=False)
+
+    def parity_inputs(self, n: int = 256) -> list[torch.Tensor]:
+        """Real images for the parity check: eval data first, else training data, else seeded noise."""
+        source = self.test if self.test is not None else self.train
+        if source is None:
+            return [torch.randn((32, *self.example.shape[1:]), generator=torch.Generator().manual_seed(0))]
+        subset = source.subset(list(range(min(n, len(source)))))
+        return [x for x, _ in data_mod.make_loader(subset, batch_size=64, normalize=self.normalization)]
+
+
+def _dataset(spec: Any) -> data_mod.ImageDataset | None:
+    if spec is None:
+        return None
+    return spec if isinstance(spec, data_mod.ImageDataset) else data_mod.load_dataset(str(spec))
+
+
+def _output_classes(model: nn.Module, example: torch.Tensor) -> int:
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+    except Exception as exc:  # noqa: BLE001 - any forward failure means the model cannot take this input
+        raise DataError(f"the model does not accept inputs of shape {tuple(example.shape[1:])}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if out.ndim != 2:
+        raise InputError(f"the model's output has shape {tuple(out.shape)}; compressor expects (batch, classes) logits")
+    return int(out.shape[1])
+
+
+def prepare(loaded: LoadedModel, data: Any, eval_data: Any, *, normalize: str, cfg: CompressConfig,
+            method: Method) -> Prepared:
+    """Stage 2: load the data, fix the input shape, check data, model and method fit each other before any work."""
+    train, test = _dataset(data), _dataset(eval_data)
+    shape = loaded.input_shape or next((ds.image_shape for ds in (train, test) if ds is not None), None)
+    if shape is None:
+        raise InputError(f"cannot tell the input shape of {loaded.arch}; pass --data so it can be read from images")
+    example = torch.zeros((1, *shape))
+    num_classes = _output_classes(loaded.model, example)
+    for ds, flag in ((train, "--data"), (test, "--eval-data")):
+        if ds is not None:
+            data_mod.check_dataset(ds, input_shape=tuple(shape), num_classes=num_classes, name=flag)
+    if method.requires_data and train is None:
+        raise InputError(f"--method {cfg.method} needs calibration data; pass --data")
+    if cfg.epochs > 0 and train is None:
+        raise InputError(f"--epochs {cfg.epochs} needs training data; pass --data (or use --epochs 0)")
+    if method.needs_epochs() and cfg.epochs < 1:
+        raise InputError(f"--method {cfg.method} with these options trains while compressing; pass --epochs 1 or more")
+    prepared = Prepared(example, num_classes, data_mod.parse_normalize(normalize), train, test)
+    if train is not None:
+        prepared.calib = prepared.subset_loader(cfg.calib_samples, seed=cfg.seed, batch_size=cfg.batch_size)
+    if test is not None:
+        prepared.eval = prepared.loader(cfg, train=False)
+    return prepared
+
+
+# -------------------------------------------------------------------------------------------------- compress
+@dataclass
+class Compressed:
+    """Stage 3: the compressed model, its replay records, the method's report section and training callbacks."""
+
+    model: nn.Module
+    method: Method
+    records: list[dict[str, Any]]
+    report: dict[str, Any]
+    callbacks: list[Any] = field(default_factory=list)
+
+    @property
+    def stages(self) -> list[str]:
+        return [str(r["kind"]) for r in self.records]
+
+
+def method_context(original: nn.Module, prepared: Prepared, cfg: CompressConfig, method: Method,
+                   device: torch.device) -> MethodContext:
+    """What a method may read (:class:`~compressor.methods.base.MethodContext`), from the run's options."""
+    budget = Budget(cfg.target, cfg.target_metric or method.default_metric, cfg.round_to, cfg.min_keep,
+                    tuple(cfg.ignore_layers))
+    return MethodContext(example=prepared.example, num_classes=prepared.num_classes, device=device, seed=cfg.seed,
+                         budget=budget, original=original, calib=prepared.calib, epochs=cfg.epochs,
+                         threads=cfg.threads)
+
+
+def compress_model(original: nn.Module, method: Method, prepared: Prepared, cfg: CompressConfig,
+                   device: torch.device) -> Compressed:
+    """Stage 3: apply ``method`` to ``original`` (or, with ``cfg.at_init``, to a seeded re-initialisation of it)."""
+    source = models.reinitialise(original, seed=cfg.seed) if cfg.at_init else original
+    ctx = method_context(original, prepared, cfg, method, device)
+    method.check(ctx)
+    with ThreadPolicy(cfg.threads).apply("score"):
+        result = method.apply(source, ctx)
+    return Compressed(result.model.eval(), method, result.records, result.report, result.callbacks)
+
+
+# ----------------------------------------------------------------------------------------------- recalibrate
+@dataclass(frozen=True)
+class Recalibrated:
+    """Stage 4: top-1 straight after compression, the BN-recalibrated top-1 and the images used."""
+
+    accuracy_stale: float | None
+    accuracy: float | None
+    images: int | None
+
+
+def recalibrate(model: nn.Module, prepared: Prepared, cfg: CompressConfig, device: torch.device) -> Recalibrated:
+    """Stage 4: re-estimate the compressed model's BatchNorm statistics on ``cfg.bn_recalib`` training images
+    (EagleEye's adaptive BN; skipped without data or with ``bn_recalib=0``), evaluating before and after."""
+    policy = ThreadPolicy(cfg.threads)
+    stale, images = None, None
+    if prepared.train is not None and cfg.bn_recalib > 0:
+        if prepared.eval is not None:
+            with policy.apply("evaluate"):
+                stale = evaluate(model, prepared.eval, device=device)
+        loader = prepared.subset_loader(cfg.bn_recalib, seed=cfg.seed + 1, batch_size=cfg.batch_size)
+        with policy.apply("evaluate"):
+            images = recalibrate_bn(model, loader, device=device)
+    with policy.apply("evaluate"):
+        accuracy = evaluate(model, prepared.eval, device=device) if prepared.eval is not None else None
+    return Recalibrated(stale, accuracy, images)
+
+
+# ----------------------------------------------------------------------------------------------------- train
+@dataclass
+class Trained:
+    """Stage 5: the fine-tuned model, the training result, and the records/report a training callback changed."""
+
+    model: nn.Module
+    result: Any
+    records: list[dict[str, Any]]
+    report: dict[str, Any]
+
+
+def train(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: CompressConfig,
+          device: torch.device) -> Trained:
+    """Stage 5: fine-tune with the one :class:`~compressor.training.Trainer` (the method's callbacks included);
+    a callback that changes the structure (tucker's adaptive ranks) hands back the records and report to keep."""
+    config = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                         seed=cfg.seed)
+    trainer = Trainer(config, device=device, callbacks=compressed.callbacks)
+    with ThreadPolicy(cfg.threads).apply("train"):
+        result = trainer.fit(compressed.model, prepared.loader(cfg, train=True),
+                             teacher=original if cfg.distill else None, eval_loader=prepared.eval)
+    records, report = list(compressed.records), dict(compressed.report)
+    for callback in compressed.callbacks:
+        records = _replace_records(records, callback.records())
+        _merge(report, callback.report())
+    return Trained(result.model.eval(), result, records, report)
+
+
+def _replace_records(records: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each new record replaces the old record of the same kind."""
+    kinds = {str(r["kind"]): r for r in new}
+    return [kinds.get(str(r["kind"]), r) for r in records]
+
+
+def _merge(report: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(report.get(key), dict):
+            report[key].update(value)
+        else:
+            report[key] = value
+
+
+def achieved(original: nn.Module, model: nn.Module, example: torch.Tensor, metric: str) -> float:
+    """Fraction of ``metric`` removed from ``original`` in ``model``."""
+    return 1.0 - engine.measure(model, example, metric) / engine.measure(original, example, metric)
