@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from compressor.scoring.mutual_info import gram_matrix, joint_gram, label_gram, score_candidates
+from compressor.scoring.kernels import gram_matrix, label_gram
+from compressor.scoring.mutual_info import joint_gram, score_candidates
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     from compressor.io import load_model
     from compressor.methods.cmi import capture, find_taps
     from compressor.pruning import engine
-    from compressor.scoring.mutual_info import gram_matrix, label_gram
+    from compressor.scoring.kernels import gram_matrix, label_gram
     from compressor.scoring.selection import greedy_select
 
     torch.set_num_threads(1)

@@ -69,12 +69,8 @@ from typing import Any
 
 import torch
 
-from compressor.scoring.mutual_info import (
-    gram_matrix,
-    joint_gram,
-    label_gram,
-    score_candidates,
-)
+from compressor.scoring.kernels import gram_matrix, label_gram
+from compressor.scoring.mutual_info import joint_gram, score_candidates
 from compressor.scoring.selection import greedy_select
 
 from ._child import write_json

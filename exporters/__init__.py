@@ -14,8 +14,8 @@ from exporters.errors import RuntimeMissingError as RuntimeMissingError
 from exporters.onnx import ParityReport as ParityReport
 from exporters.onnx import check_parity as check_parity
 from exporters.onnx import export_onnx as export_onnx
-from exporters.onnx import make_session as make_session
-from exporters.onnx import runtime_info as runtime_info
+from exporters.runtime import make_session as make_session
+from exporters.runtime import runtime_info as runtime_info
 
 __all__ = [
     "BenchmarkResult",

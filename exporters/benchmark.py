@@ -18,13 +18,7 @@ from typing import Any
 import numpy as np
 
 from exporters.errors import ExportError
-from exporters.onnx import (
-    CUDA_PROVIDER,
-    _create_session,
-    _import_onnxruntime,
-    _providers_for,
-    _single_input_name,
-)
+from exporters.runtime import CUDA_PROVIDER, create_session, import_onnxruntime, providers_for, single_input_name
 
 __all__ = ["BenchmarkResult", "LatencyStats", "benchmark_latency"]
 
@@ -166,22 +160,22 @@ def benchmark_latency(
     lower at batch 1. On CUDA, ``session.run`` takes and returns host arrays, so timings include the copies.
     """
     _check_benchmark_args(models, batch_sizes, warmup=warmup, repeats=repeats, min_time_s=min_time_s)
-    ort = _import_onnxruntime()
-    providers = _providers_for(device, ort.get_available_providers())
+    ort = import_onnxruntime()
+    providers = providers_for(device, ort.get_available_providers())
     required = (CUDA_PROVIDER,) if device == "cuda" else ()
     rng = np.random.default_rng(seed)
     latency: dict[int, dict[str, LatencyStats]] = {}
     read_back: dict[str, list[str]] = {}
     for batch in batch_sizes:
         sessions = {
-            name: _create_session(
+            name: create_session(
                 ort, Path(path), providers, threads=threads, required=required, config=_SESSION_CONFIG
             )
             for name, path in models.items()
         }
         shape = _sample_shape(sessions, input_shape, batch)
         data = rng.standard_normal((batch, *shape), dtype=np.float32)
-        runs = [(name, session, {_single_input_name(session): data}) for name, session in sessions.items()]
+        runs = [(name, session, {single_input_name(session): data}) for name, session in sessions.items()]
         seconds = _time_interleaved(runs, warmup=warmup, repeats=repeats, min_time_s=min_time_s)
         latency[batch] = {name: LatencyStats.from_seconds(s, batch_size=batch) for name, s in seconds.items()}
         for name, session in sessions.items():
@@ -228,7 +222,7 @@ def _sample_shape(sessions: Mapping[str, Any], input_shape: Sequence[int] | None
     """Per-sample input shape, checked against every session's declared input (type, rank, static dims)."""
     shape = None if input_shape is None else tuple(int(d) for d in input_shape)
     for name, session in sessions.items():
-        _single_input_name(session)
+        single_input_name(session)
         declared = session.get_inputs()[0]
         if declared.type != "tensor(float)":
             raise ExportError(f"model {name!r} takes {declared.type}; the benchmark feeds float32 inputs.")

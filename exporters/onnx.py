@@ -1,4 +1,4 @@
-"""ONNX export, PyTorch/onnxruntime parity, and onnxruntime sessions.
+"""ONNX export and PyTorch/onnxruntime parity.
 
 Exporter path
 -------------
@@ -18,14 +18,14 @@ Three quirks of that exporter are handled here:
 - its per-node ``pkg.torch.onnx.stack_trace`` metadata embeds absolute paths of the caller's source files, so that
   entry is stripped.
 
-onnxruntime is optional (``cpu`` / ``gpu`` extras) and imported lazily by :func:`make_session`.
+onnxruntime is optional (``cpu`` / ``gpu`` extras); its sessions come from :mod:`exporters.runtime`, which imports it
+lazily.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import io
 import logging
 import math
@@ -34,7 +34,6 @@ import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -42,19 +41,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporters.errors import ExportError, ParityError, RuntimeConflictError, RuntimeMissingError
+from exporters.errors import ExportError, ParityError
+from exporters.runtime import CPU_PROVIDER, create_session, describe_error, import_onnxruntime, single_input_name
 
-__all__ = ["ParityReport", "check_parity", "export_onnx", "make_session", "runtime_info"]
+__all__ = ["ParityReport", "check_parity", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-CPU_PROVIDER = "CPUExecutionProvider"
-CUDA_PROVIDER = "CUDAExecutionProvider"
-DEVICES = ("cpu", "cuda", "auto")
-# Distributions that all ship the same ``onnxruntime`` import package; two at once overwrite each other's files.
-_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
 _STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 # Loggers the exporter chats on (e.g. "torchvision is not installed. Skipping torchvision::nms").
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
@@ -117,7 +112,7 @@ def export_onnx(
         if text and isinstance(exc, Exception):
             logger.warning("torch.onnx output before the failure:\n%s", text)
         if isinstance(exc, Exception) and not isinstance(exc, ExportError):
-            raise ExportError(f"cannot write ONNX file {path}: {_describe(exc)}") from exc
+            raise ExportError(f"cannot write ONNX file {path}: {describe_error(exc)}") from exc
         raise
     return path
 
@@ -163,7 +158,7 @@ def _run_exporter(
         try:
             torch.onnx.export(model, (example_input,), str(target), **kwargs)
         except Exception as exc:
-            raise ExportError(f"ONNX export of {type(model).__name__} failed: {_describe(exc)}") from exc
+            raise ExportError(f"ONNX export of {type(model).__name__} failed: {describe_error(exc)}") from exc
 
 
 def _strip_stack_traces(path: Path) -> None:
@@ -200,7 +195,7 @@ def _verify_onnx(path: Path, *, dynamic_batch: bool) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise ExportError(f"the exported graph fails onnx.checker: {_describe(exc)}") from exc
+        raise ExportError(f"the exported graph fails onnx.checker: {describe_error(exc)}") from exc
     proto = onnx.load(str(path), load_external_data=False)
     if any(uses_external_data(tensor) for tensor in proto.graph.initializer):
         raise ExportError("the exported graph references external data; it would not be a self-contained file.")
@@ -248,19 +243,6 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, mode in modes:
             module.training = mode
-
-
-def _describe(exc: BaseException) -> str:
-    """One line naming the root cause: follow explicit ``raise ... from`` links, keep the first message line."""
-    root, seen = exc, {id(exc)}
-    while root.__cause__ is not None and id(root.__cause__) not in seen:
-        root = root.__cause__
-        seen.add(id(root))
-    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
-    message = lines[0] if lines else "(no message)"
-    if len(message) > 300:
-        message = message[:297] + "..."
-    return f"{type(root).__name__}: {message}"
 
 
 # --------------------------------------------------------------------------------------------------------- parity
@@ -355,10 +337,10 @@ def check_parity(
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
         raise ExportError(f"atol must be a finite number >= 0, got {atol!r}.")
     requested = tuple(providers) if providers else (CPU_PROVIDER,)
-    ort = _import_onnxruntime()
+    ort = import_onnxruntime()
     required = tuple(p for p in requested if p != CPU_PROVIDER)
-    session = _create_session(ort, Path(onnx_path), requested, threads=None, required=required)
-    input_name = _single_input_name(session)
+    session = create_session(ort, Path(onnx_path), requested, threads=None, required=required)
+    input_name = single_input_name(session)
     names = [output.name for output in session.get_outputs()]
     reference = _cpu_float_model(model)
     max_diff, agree, total = 0.0, 0, 0
@@ -419,138 +401,3 @@ def _check_shapes(expected: list[np.ndarray], actual: list[Any], names: Sequence
 
 def _top1(values: np.ndarray, rows: int) -> np.ndarray:
     return np.asarray(values).reshape(rows, -1).argmax(axis=1)
-
-
-# ---------------------------------------------------------------------------------------------------- onnxruntime
-
-
-def make_session(path: str | os.PathLike[str], *, device: str = "cpu", threads: int | None = None) -> Any:
-    """Create an ``onnxruntime.InferenceSession`` with full graph optimisation.
-
-    Parameters
-    ----------
-    path : path-like
-        ONNX file.
-    device : {"cpu", "cuda", "auto"}
-        ``"cuda"`` requires the CUDA provider to be *active* after loading; ``"auto"`` uses CUDA when onnxruntime
-        offers it and quietly accepts CPU (with a log warning) when it falls back.
-    threads : int, optional
-        ``intra_op_num_threads``; ``None`` keeps onnxruntime's default (one per physical core).
-
-    Returns
-    -------
-    onnxruntime.InferenceSession
-        Check ``session.get_providers()`` for what actually runs.
-
-    Raises
-    ------
-    RuntimeMissingError, RuntimeConflictError
-        onnxruntime is absent, or several of its distributions are installed.
-    ExportError
-        Bad arguments, the file cannot be loaded, or CUDA was requested but is unavailable or inactive.
-    """
-    ort = _import_onnxruntime()
-    providers = _providers_for(device, ort.get_available_providers())
-    required = (CUDA_PROVIDER,) if device == "cuda" else ()
-    return _create_session(ort, Path(path), providers, threads=threads, required=required)
-
-
-def runtime_info() -> dict[str, Any]:
-    """onnxruntime version, available providers and installed distributions (never raises).
-
-    Returns
-    -------
-    dict
-        ``onnxruntime_version`` (str or None), ``available_providers`` (list), ``packages`` (distribution name ->
-        version, for every onnxruntime distribution found) and ``conflict`` (more than one distribution).
-    """
-    packages = {name: found for name in _ORT_DISTRIBUTIONS if (found := _dist_version(name)) is not None}
-    try:
-        ort = importlib.import_module("onnxruntime")
-        version: str | None = str(ort.__version__)
-        available = list(ort.get_available_providers())
-    except Exception:  # missing or broken install: report what is known rather than fail a report
-        version, available = None, []
-    return {
-        "onnxruntime_version": version,
-        "available_providers": available,
-        "packages": packages,
-        "conflict": len(packages) > 1,
-    }
-
-
-def _import_onnxruntime() -> Any:
-    """Import onnxruntime lazily after checking that only one of its distributions is installed."""
-    installed = tuple(name for name in _ORT_DISTRIBUTIONS if _dist_version(name) is not None)
-    if len(installed) > 1:
-        raise RuntimeConflictError(installed)
-    try:
-        return importlib.import_module("onnxruntime")
-    except ImportError as exc:
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "onnxruntime":
-            raise RuntimeMissingError() from exc
-        raise ExportError(f"onnxruntime is installed but fails to import ({exc}); reinstall it.") from exc
-
-
-def _dist_version(name: str) -> str | None:
-    """Installed version of distribution ``name`` or None (the seam tests monkeypatch)."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _providers_for(device: str, available: Sequence[str]) -> tuple[str, ...]:
-    """Provider list to request for ``device`` given onnxruntime's available providers."""
-    if device not in DEVICES:
-        raise ExportError(f"device must be one of {', '.join(DEVICES)}; got {device!r}.")
-    if device == "cpu" or (device == "auto" and CUDA_PROVIDER not in available):
-        return (CPU_PROVIDER,)
-    if CUDA_PROVIDER not in available:
-        raise ExportError(
-            f"device 'cuda' requested but this onnxruntime offers only {', '.join(available)}; "
-            'install the GPU build (pip uninstall -y onnxruntime; pip install "compressor[gpu]") or use device="cpu".'
-        )
-    return (CUDA_PROVIDER, CPU_PROVIDER)
-
-
-def _create_session(
-    ort: Any,
-    path: Path,
-    providers: Sequence[str],
-    *,
-    threads: int | None,
-    required: Sequence[str] = (),
-    config: Mapping[str, str] | None = None,
-) -> Any:
-    """Build a session (ORT_ENABLE_ALL) and check the providers it actually activated against ``required``."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ExportError(f"threads must be a positive int or None, got {threads!r}.")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    for key, value in (config or {}).items():
-        options.add_session_config_entry(key, value)
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-    except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load {path}: {_describe(exc)}") from exc
-    active = list(session.get_providers())
-    missing = [p for p in required if p not in active]
-    if missing:
-        raise ExportError(
-            f"{', '.join(missing)} requested but the session runs on {', '.join(active)} (onnxruntime "
-            f"{ort.__version__} fell back silently); check that the installed CUDA/cuDNN match onnxruntime-gpu."
-        )
-    if CUDA_PROVIDER in providers and CUDA_PROVIDER not in active:
-        logger.warning("onnxruntime could not activate CUDA for %s; running on %s.", path, ", ".join(active))
-    return session
-
-
-def _single_input_name(session: Any) -> str:
-    """Name of the session's only input; several inputs are not supported."""
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise ExportError(f"the ONNX graph has {len(inputs)} inputs ({[i.name for i in inputs]}); expected one.")
-    return str(inputs[0].name)

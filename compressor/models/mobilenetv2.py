@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.models import register_arch
+from .registry import register_arch
 
 __all__ = ["CifarMobileNetV2", "InvertedResidual", "mobilenetv2"]
 

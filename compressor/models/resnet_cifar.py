@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.models import register_arch
+from .registry import register_arch
 from compressor.models.layers import ChannelShortcut
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]

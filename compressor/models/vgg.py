@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.models import register_arch
+from .registry import register_arch
 
 __all__ = ["CifarVGG", "vgg11_bn", "vgg16_bn"]
 

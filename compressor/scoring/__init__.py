@@ -1,1 +1,2 @@
-"""Information-theoretic channel scoring: matrix-based Rényi α-entropy estimators (:mod:`.mutual_info`)."""
+"""Information-theoretic channel scoring: Gram matrices (:mod:`.kernels`) and the matrix-based Rényi α-entropy
+estimators built on them (:mod:`.mutual_info`)."""

@@ -17,12 +17,8 @@ from benchmarks.cmi_scoring import (
     summarise_cell,
     synthetic_layer,
 )
-from compressor.scoring.mutual_info import (
-    gram_matrix,
-    joint_gram,
-    label_gram,
-    renyi_entropy,
-)
+from compressor.scoring.kernels import gram_matrix, label_gram
+from compressor.scoring.mutual_info import joint_gram, renyi_entropy
 from compressor.scoring.selection import greedy_select
 
 ALPHAS = (2.0, 1.01)

@@ -15,7 +15,7 @@ from onnx.external_data_helper import uses_external_data
 from torch import nn
 
 import exporters
-import exporters.onnx as exporters_onnx
+import exporters.runtime as exporters_runtime
 from compressor.models.layers import ChannelShortcut
 from exporters import (
     ExportError,
@@ -246,7 +246,7 @@ def test_silent_provider_fallback_is_detected(exported):
     # What onnxruntime-gpu does without a usable CUDA: the session quietly runs on CPU. Read-back must catch it.
     _, path = exported["tiny"]
     with pytest.raises(ExportError, match="fell back silently"):
-        exporters_onnx._create_session(
+        exporters_runtime.create_session(
             ort, path, ["CPUExecutionProvider"], threads=1, required=["CUDAExecutionProvider"]
         )
 
@@ -264,7 +264,7 @@ def test_session_argument_errors(exported, tmp_path):
 def test_both_runtimes_installed_is_a_conflict(exported, monkeypatch):
     _, path = exported["tiny"]
     fake = {"onnxruntime": "1.20.0", "onnxruntime-gpu": "1.20.0"}
-    monkeypatch.setattr(exporters_onnx, "_dist_version", fake.get)
+    monkeypatch.setattr(exporters_runtime, "_dist_version", fake.get)
     with pytest.raises(RuntimeConflictError, match="pip uninstall -y onnxruntime onnxruntime-gpu") as info:
         make_session(path)
     assert "\n" not in str(info.value)
@@ -273,7 +273,7 @@ def test_both_runtimes_installed_is_a_conflict(exported, monkeypatch):
 
 def test_missing_runtime_says_how_to_install(exported, monkeypatch):
     _, path = exported["tiny"]
-    monkeypatch.setattr(exporters_onnx, "_dist_version", lambda name: None)
+    monkeypatch.setattr(exporters_runtime, "_dist_version", lambda name: None)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(RuntimeMissingError, match=r'compressor\[cpu\]'):
         make_session(path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import compressor.models as zoo
+import compressor.models.registry as registry
 from compressor.errors import InputError, UnknownNameError
 from compressor.models import ArchSpec, create_model, get_arch, list_archs, register_arch, reinitialise
 from compressor.models.layers import ChannelShortcut
@@ -100,7 +100,7 @@ def test_bad_num_classes(bad: object) -> None:
 
 
 def test_duplicate_registration_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(zoo, "_ARCHS", dict(zoo._ARCHS))  # keep the real registry clean
+    monkeypatch.setattr(registry, "_ARCHS", dict(registry._ARCHS))  # keep the real registry clean
     original = get_arch("resnet20").factory
     with pytest.raises(ValueError, match="'resnet20' is already registered"):
         register_arch("resnet20")(lambda *, num_classes: nn.Linear(1, num_classes))
