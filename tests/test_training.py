@@ -1,4 +1,5 @@
-"""Tests for compressor.finetune: learning, determinism, the LR schedule, distillation, modes and interrupts."""
+"""Tests for compressor.training: the Trainer (learning, determinism, the LR schedule, distillation, modes, interrupts,
+callbacks), evaluation and BatchNorm recalibration."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ from torch import nn
 
 from compressor.data import ImageDataset, make_loader
 from compressor.errors import DataError, InputError
-from compressor.finetune import FinetuneResult, cosine_lr, distillation_loss, evaluate, finetune, recalibrate_bn
+from compressor.training import (
+    Callback,
+    TrainConfig,
+    Trainer,
+    TrainResult,
+    TrainState,
+    cosine_lr,
+    distillation_loss,
+    evaluate,
+    recalibrate_bn,
+)
 
 
 def _blobs(n: int = 256, seed: int = 0) -> ImageDataset:
@@ -35,15 +46,22 @@ def _loader(ds: ImageDataset, seed: int = 0, shuffle: bool = True):
     return make_loader(ds, batch_size=32, normalize=None, shuffle=shuffle, seed=seed)
 
 
+def fit(model: nn.Module, loader, *, teacher: nn.Module | None = None, eval_loader=None, progress: bool = True,
+        log=None, callbacks=(), device=None, **config) -> TrainResult:
+    """One Trainer run: ``config`` are TrainConfig fields (``epochs`` is required there)."""
+    trainer = Trainer(TrainConfig(**config), device=device, progress=progress, log=log, callbacks=callbacks)
+    return trainer.fit(model, loader, teacher=teacher, eval_loader=eval_loader)
+
+
 def test_loss_decreases_and_accuracy_improves() -> None:
     train, test = _blobs(256, seed=0), _blobs(128, seed=1)
     model = _net()
     before = evaluate(model, _loader(test, shuffle=False))
     lines: list[str] = []
-    result = finetune(model, _loader(train), epochs=4, lr=0.05, eval_loader=_loader(test, shuffle=False),
+    result = fit(model, _loader(train), epochs=4, lr=0.05, eval_loader=_loader(test, shuffle=False),
                       log=lines.append)
     hist = result.history
-    assert isinstance(result, FinetuneResult) and result.epochs == 4 and len(hist) == 4
+    assert isinstance(result, TrainResult) and result.model is model and result.epochs == 4 and len(hist) == 4
     assert hist[-1]["loss"] < 0.6 * hist[0]["loss"]
     assert hist[-1]["train_acc"] > hist[0]["train_acc"] and hist[-1]["eval_acc"] > max(0.9, before + 0.3)
     assert hist[-1]["eval_acc"] == pytest.approx(evaluate(model, _loader(test, shuffle=False)))
@@ -53,18 +71,18 @@ def test_loss_decreases_and_accuracy_improves() -> None:
 
 
 def test_adamw_and_progress_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
-    result = finetune(_net(), _loader(_blobs(64)), epochs=2, lr=0.01, optimizer="adamw")
+    result = fit(_net(), _loader(_blobs(64)), epochs=2, lr=0.01, optimizer="adamw")
     err = capsys.readouterr().err
     assert "epoch 2/2" in err and "loss" in err and "lr" in err
     assert result.history[1]["loss"] < result.history[0]["loss"] and result.history[0]["eval_acc"] is None
-    finetune(_net(), _loader(_blobs(64)), epochs=1, progress=False)
+    fit(_net(), _loader(_blobs(64)), epochs=1, progress=False)
     assert capsys.readouterr().err == ""
 
 
 def test_same_seed_gives_identical_weights() -> None:
     def run(seed: int) -> dict[str, torch.Tensor]:
         model = nn.Sequential(_net(), nn.Dropout(0.3))  # dropout draws from the seeded global RNG
-        finetune(model, make_loader(_blobs(96), batch_size=32, normalize=None, shuffle=True, augment=True, seed=7),
+        fit(model, make_loader(_blobs(96), batch_size=32, normalize=None, shuffle=True, augment=True, seed=7),
                  epochs=2, seed=seed, progress=False)
         return model.state_dict()
 
@@ -110,7 +128,7 @@ def test_distillation_pulls_student_toward_teacher() -> None:
     student = _net(seed=2)
     before = kl_to_teacher(student)
     teacher.train()
-    result = finetune(student, _loader(data), epochs=4, lr=0.05, teacher=teacher, distill_alpha=1.0,
+    result = fit(student, _loader(data), epochs=4, lr=0.05, teacher=teacher, distill_alpha=1.0,
                       distill_temperature=2.0, progress=False)
     assert teacher.training and all(p.grad is None for p in teacher.parameters())
     assert before > 0.5 and kl_to_teacher(student) < 0.5 * before
@@ -120,7 +138,7 @@ def test_distillation_pulls_student_toward_teacher() -> None:
 def test_epochs_zero_is_a_noop() -> None:
     model = _net()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    result = finetune(model, _loader(_blobs(32)), epochs=0)
+    result = fit(model, _loader(_blobs(32)), epochs=0)
     assert result.epochs == 0 and result.history == [] and result.seconds == 0.0
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
@@ -142,7 +160,7 @@ def test_evaluate_restores_modes_and_counts_correctly() -> None:
         evaluate(model, [])
 
 
-def test_finetune_restores_modes_and_keyboard_interrupt_propagates() -> None:
+def test_fit_restores_modes_and_keyboard_interrupt_propagates() -> None:
     model = _net().eval()
     batches = list(_loader(_blobs(64)))
 
@@ -155,9 +173,9 @@ def test_finetune_restores_modes_and_keyboard_interrupt_propagates() -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(model, Interrupting(), epochs=2, progress=False)
+        fit(model, Interrupting(), epochs=2, progress=False)
     assert not model.training and not any(m.training for m in model.modules())
-    finetune(model, batches, epochs=1, progress=False)
+    fit(model, batches, epochs=1, progress=False)
     assert not model.training
 
 
@@ -167,25 +185,29 @@ def test_finetune_restores_modes_and_keyboard_interrupt_propagates() -> None:
     ({"epochs": 1, "lr": math.nan}, "learning rate"),
     ({"epochs": 1, "optimizer": "adam"}, "unknown optimizer 'adam'"),
     ({"epochs": 1, "distill_alpha": 1.5}, "alpha"),
+    ({"epochs": 1, "momentum": 1.0}, "momentum"),
+    ({"epochs": 1, "weight_decay": -1e-4}, "weight decay"),
+    ({"epochs": True}, "epochs"),
 ])
-def test_finetune_rejects_bad_arguments(kwargs: dict, message: str) -> None:
-    with pytest.raises(InputError, match=message):
-        finetune(_net(), _loader(_blobs(8)), **kwargs)
+def test_train_config_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message) as info:
+        TrainConfig(**kwargs)
+    assert "\n" not in str(info.value)
 
 
-def test_finetune_rejects_empty_loader_and_reports_divergence() -> None:
+def test_fit_rejects_empty_loader_and_reports_divergence() -> None:
     empty = make_loader(_blobs(8), batch_size=16, normalize=None, drop_last=True)
     with pytest.raises(DataError, match="no batches"):
-        finetune(_net(), empty, epochs=1)
+        fit(_net(), empty, epochs=1)
     with pytest.raises(ValueError, match="diverged.*lower the learning rate"):
-        finetune(_net(), _loader(_blobs(64)), epochs=1, lr=1e30, progress=False)
+        fit(_net(), _loader(_blobs(64)), epochs=1, lr=1e30, progress=False)
 
 
 @pytest.mark.gpu
-def test_finetune_on_cuda_with_amp() -> None:
+def test_fit_on_cuda_with_amp() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA; none available")
-    result = finetune(_net(), _loader(_blobs(256)), epochs=3, lr=0.05, device="cuda", progress=False)
+    result = fit(_net(), _loader(_blobs(256)), epochs=3, lr=0.05, device="cuda", progress=False)
     assert result.amp is True and result.device.startswith("cuda")
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
@@ -212,3 +234,104 @@ def test_recalibrate_bn_measures_the_new_statistics_and_touches_nothing_else() -
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     with pytest.raises(DataError, match="no images"):
         recalibrate_bn(model, [])
+
+
+# ------------------------------------------------------------------------------------------------- callbacks
+class Recorder(Callback):
+    """Logs every hook with the step/epoch it saw; checks what each hook is promised."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    def _log(self, hook: str, state: TrainState) -> None:
+        self.calls.append((hook, state.step, state.epoch))
+
+    def on_train_start(self, state: TrainState) -> None:
+        assert state.optimizer is None and state.total_steps == state.config.epochs * state.steps_per_epoch
+        self._log("train_start", state)
+
+    def on_step_start(self, state: TrainState) -> None:
+        assert state.lr == cosine_lr(state.step, state.total_steps, state.config.lr)
+        assert state.optimizer.param_groups[0]["lr"] == state.lr
+        self._log("step_start", state)
+
+    def on_after_backward(self, state: TrainState) -> None:
+        assert all(p.grad is not None for p in state.model.parameters()) and state.loss is not None
+        self._log("after_backward", state)
+
+    def on_step_end(self, state: TrainState) -> None:
+        assert all(p.grad is None for p in state.model.parameters())
+        self._log("step_end", state)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        assert state.history[-1]["epoch"] == state.epoch
+        state.history[-1]["extra"] = state.step  # callbacks may add keys to the epoch record
+        self._log("epoch_end", state)
+
+    def on_train_end(self, state: TrainState) -> None:
+        self._log("train_end", state)
+
+
+def test_callbacks_see_every_hook_in_order() -> None:
+    recorder = Recorder()
+    batches = list(_loader(_blobs(64)))  # 2 batches per epoch
+    result = fit(_net(), batches, epochs=2, progress=False, callbacks=[recorder])
+    step = ["step_start", "after_backward", "step_end"]
+    expected = [("train_start", 0, 0)]
+    for epoch, steps in ((1, (0, 1)), (2, (2, 3))):
+        expected += [(hook, s, epoch) for s in steps for hook in step] + [("epoch_end", steps[-1] + 1, epoch)]
+    expected.append(("train_end", 4, 2))
+    assert recorder.calls == expected
+    assert [h["extra"] for h in result.history] == [2, 4]
+    second = Recorder()
+    Trainer(TrainConfig(epochs=1), progress=False, callbacks=[Recorder()]).fit(_net(), batches, callbacks=[second])
+    assert second.calls[0][0] == "train_start" and second.calls[-1][0] == "train_end"
+    none = Recorder()
+    fit(_net(), batches, epochs=0, callbacks=[none])
+    assert none.calls == []
+
+
+def test_callbacks_may_replace_the_model_and_the_optimizer() -> None:
+    """Wrap at the start (the optimizer is built over the wrapper's parameters), unwrap at the end."""
+    class Scaled(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.gain = inner, nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gain * self.inner(x)
+
+    class Wrap(Callback):
+        def on_train_start(self, state: TrainState) -> None:
+            state.model = Scaled(state.model)
+
+        def on_step_start(self, state: TrainState) -> None:
+            if state.step == 1:  # a callback may rebuild the optimizer; the loop reads state.optimizer
+                state.optimizer = torch.optim.SGD(state.model.parameters(), lr=state.lr)
+
+        def on_train_end(self, state: TrainState) -> None:
+            self.gain = float(state.model.gain.detach())
+            state.model = state.model.inner
+
+    inner, wrap = _net(), Wrap()
+    before = inner[-1].weight.detach().clone()
+    result = fit(inner, list(_loader(_blobs(64))), epochs=2, lr=0.1, progress=False, callbacks=[wrap])
+    assert result.model is inner and wrap.gain != 1.0 and not torch.equal(before, inner[-1].weight)
+
+
+def test_sampler_epoch_and_quiet_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    """A distributed run: the sampler is told each epoch (new shuffle per epoch); only the main process prints."""
+    batches = list(_loader(_blobs(64)))
+
+    class Sampler:
+        epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+    class WithSampler(list):
+        sampler = Sampler()
+
+    loader = WithSampler(batches)
+    Trainer(TrainConfig(epochs=3), is_main=False).fit(_net(), loader)
+    assert loader.sampler.epochs == [1, 2, 3] and capsys.readouterr().err == ""

@@ -1,48 +1,47 @@
-"""``--method tucker``: Tucker-2 factorisation of convolutions as a recorded transform (issue 5).
+"""``--method tucker``: Tucker-2 factorisation of convolutions, as a :class:`~compressor.methods.base.Method`.
 
 Every eligible convolution (``nn.Conv2d``, ``groups == 1``, kernel larger than 1x1) is replaced, on a copy, by the
 ``nn.Sequential`` of plain convolutions built by :func:`compressor.factorize.factorize_conv` (1x1 ``reduce`` ->
 kxk ``core`` -> 1x1 ``restore``; a 1x1 is dropped where its rank is the full channel count), so the ONNX graph holds
-only ``Conv`` nodes. Ranks come from ``method_options["tucker_rank_rule"]``:
+only ``Conv`` nodes. Ranks come from ``--tucker-rank-rule``:
 
 * ``target`` (default): one spectral-energy fraction shared by all layers, found by bisection so that the whole
   method removes ``--target`` of ``--target-metric`` (``params`` by default, or ``macs``) *of the original model*
-  (:func:`compressor.factorize.allocate_ranks_for_target`). After a pruning step (``l1+tucker``, ``cmi+tucker``)
-  the factorisation only has to remove what pruning left over: with :math:`T_0` the original total, :math:`T_1`
-  the pruned model's and :math:`t` the target, the step removes :math:`t_1 = 1 - (1 - t) T_0 / T_1` of
+  (``ctx.original``; :func:`compressor.factorize.allocate_ranks_for_target`). After a pruning step (``l1+tucker``,
+  ``cmi+tucker``) the factorisation only has to remove what pruning left over: with :math:`T_0` the original total,
+  :math:`T_1` the pruned model's and :math:`t` the target, the step removes :math:`t_1 = 1 - (1 - t) T_0 / T_1` of
   :math:`T_1`, and nothing when :math:`t_1 \\le 0` (pruning alone met the target; the report says so);
 * ``evbmf`` / ``energy``: per-layer ranks from the kernel's unfoldings (:func:`compressor.factorize.select_ranks`,
-  ``tucker_energy`` for ``energy``); the target is then *not* enforced, the report gives what was achieved.
+  ``--tucker-energy`` for ``energy``); the target is then *not* enforced, the report gives what was achieved.
 
 A layer is factorised only when that lowers both its parameters and its MACs. 1x1 convolutions are kept dense:
 their Tucker-2 form (``C_in r_in + r_in r_out + r_out C_out`` weights) is never cheaper than the rank-``r`` matrix
-factorisation it contains (two 1x1s), so they belong to an SVD transform, not to this one (none of the CIFAR ResNets
-has a 1x1 conv). The record is ``{"kind": "tucker", "layers": {name: [rank_out, rank_in]}}``; :meth:`replay`
+factorisation it contains (two 1x1s), so they belong to an SVD method, not to this one (none of the CIFAR ResNets
+has a 1x1 conv). The record is ``{"kind": "tucker", "layers": {name: [rank_out, rank_in]}}``; :func:`replay_tucker`
 rebuilds the same modules so that :func:`compressor.io.load_compressed` loads the weights.
 
-With ``tucker_latency_aware`` every chosen factorisation is timed against its conv (onnxruntime CPU, batch 1,
+With ``--tucker-latency-aware`` every chosen factorisation is timed against its conv (onnxruntime CPU, batch 1,
 ``--threads``, on one-node ONNX graphs built here); the slowest losers are kept dense and the ranks chosen again
 until every factorisation kept is faster (the target rule then cuts the others deeper). Small 3x3 convs are often
 slower factorised: three kernels and two extra activations instead of one kernel.
 
-Rank-adaptive fine-tuning (``tucker_adaptive``, ``tucker_tau``, ``tucker_period``) is
-:mod:`compressor.methods.tucker_adaptive`.
+With ``--tucker-adaptive`` (tolerance ``--tucker-tau``, cycle ``--tucker-period``) the ranks keep changing during
+fine-tuning: :meth:`Tucker.apply` returns a :class:`~compressor.methods.tucker_adaptive.AdaptiveTucker` training
+callback (:mod:`compressor.methods.tucker_adaptive`).
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError, ModelLoadError, PruningError
+from ..errors import ModelLoadError, PruningError
 from ..factorize import (
     ConvShape,
     allocate_ranks_for_target,
@@ -51,109 +50,43 @@ from ..factorize import (
     tucker2_cost,
     tucker2_shrinks,
 )
+from ..options import option
 from ..pruning import engine
-from ..transforms import (
-    Transform,
-    TransformContext,
-    TransformResult,
-    register_transform,
-)
-from . import recording, reject_unknown_options
+from .base import Method, MethodContext, MethodResult, register_replay
+from .hooks import recording
+from .tucker_adaptive import AdaptiveTucker
+from .tucker_modules import set_module, tucker_block
 
-__all__ = ["OPTION_KEYS", "RANK_RULES", "TuckerOptions", "TuckerTransform", "parse_options", "tucker_block"]
+__all__ = ["RANK_RULES", "Tucker", "TuckerOptions", "conv_shapes", "measure_layer_latency", "replay_tucker"]
 
-OPTION_KEYS = ("tucker_rank_rule", "tucker_energy", "tucker_adaptive", "tucker_tau", "tucker_period",
-               "tucker_latency_aware")
-RANK_RULES = ("evbmf", "energy", "target")
-METRICS = ("params", "macs")
+RANK_RULES = ("target", "evbmf", "energy")
 
 
 @dataclass(frozen=True)
 class TuckerOptions:
-    """Validated ``tucker_*`` options (``method_options``)."""
+    """Options of ``--method tucker`` (flags ``--tucker-<name>``)."""
 
-    rank_rule: str = "target"
-    energy: float = 0.9
-    adaptive: bool = False
-    tau: float = 0.1
-    period: int = 5
-    latency_aware: bool = False
-
-
-def _flag(options: Mapping[str, Any], key: str, flag: str) -> bool:
-    value = options.get(key, False)
-    if not isinstance(value, bool):
-        raise InputError(f"{flag} must be true or false; got {value!r}")
-    return value
-
-
-def _fraction(options: Mapping[str, Any], key: str, flag: str, default: float, *, closed_top: bool) -> float:
-    value = options.get(key, default)
-    interval = "(0, 1]" if closed_top else "(0, 1)"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (0.0 < value < 1.0 or (closed_top and value == 1.0)):
-        raise InputError(f"{flag} must be a fraction in {interval}; got {value!r}")
-    return float(value)
-
-
-def _period(options: Mapping[str, Any]) -> int:
-    value = options.get("tucker_period", 5)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise InputError(f"--tucker-period must be an integer >= 2 (steps per augment/truncate cycle); got {value!r}")
-    return value
-
-
-def parse_options(options: Mapping[str, Any], *, method: str = "tucker") -> TuckerOptions:
-    """Check the ``tucker_*`` keys of ``options`` and return them; :class:`InputError` (one line) otherwise.
-
-    Keys of other methods (``cmi_*``) are accepted only when ``method`` chains a pruning step (``cmi+tucker``).
-    """
-    reject_unknown_options("tucker", [k for k in options if "+" not in method or k.startswith("tucker_")],
-                           OPTION_KEYS)
-    rule = options.get("tucker_rank_rule", "target")
-    if rule not in RANK_RULES:
-        raise InputError(f"--rank-rule must be one of {', '.join(RANK_RULES)}; got {rule!r}")
-    return TuckerOptions(
-        rank_rule=rule, energy=_fraction(options, "tucker_energy", "--energy", 0.9, closed_top=True),
-        adaptive=_flag(options, "tucker_adaptive", "--tucker-adaptive"),
-        tau=_fraction(options, "tucker_tau", "--tau", 0.1, closed_top=False), period=_period(options),
-        latency_aware=_flag(options, "tucker_latency_aware", "--latency-aware"),
-    )
+    rank_rule: str = option(
+        "target", choices=RANK_RULES, example="evbmf",
+        help="how ranks are chosen: target = one spectral-energy fraction for all layers, searched to meet "
+             "--target; evbmf = per layer, by variational Bayes (target not enforced); energy = per layer, keeping "
+             "--tucker-energy of each unfolding's spectrum (target not enforced)")
+    energy: float = option(0.9, low=0.0, high=1.0, low_open=True, example="0.95",
+                           help="spectral energy kept per mode with --tucker-rank-rule energy, in (0, 1]")
+    adaptive: bool = option(False, example="true",
+                            help="rank-adaptive fine-tuning: ranks grow and shrink while training (needs --epochs 1 "
+                                 "or more; with --tucker-rank-rule target the params/MACs budget is held)")
+    tau: float = option(0.1, low=0.0, high=1.0, low_open=True, high_open=True, example="0.2",
+                        help="truncation tolerance of --tucker-adaptive, in (0, 1): each truncation drops the "
+                             "smallest singular values of the core up to this fraction of its norm")
+    period: int = option(5, low=2, example="10",
+                         help="training steps per augment/truncate cycle of --tucker-adaptive (>= 2)")
+    latency_aware: bool = option(False, example="true",
+                                 help="keep only factorisations measured faster than their conv (onnxruntime, "
+                                      "batch 1, --threads)")
 
 
 # --------------------------------------------------------------------------------------------------- structure
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def tucker_block(conv: nn.Conv2d, *, rank_out: int, rank_in: int) -> nn.Sequential:
-    """The module layout :func:`~compressor.factorize.factorize_conv` builds, with freshly initialised weights.
-
-    ``reduce`` (1x1 ``C_in -> rank_in``, only when ``rank_in < C_in``), ``core`` (kxk ``rank_in -> rank_out``
-    with ``conv``'s stride, padding, dilation and padding mode; the bias when it is last) and ``restore``
-    (1x1 ``rank_out -> C_out`` with the bias, only when ``rank_out < C_out``). Used to replay a record: the
-    weights are loaded afterwards.
-    """
-    if not (1 <= rank_out <= conv.out_channels and 1 <= rank_in <= conv.in_channels):
-        raise ValueError(f"ranks ({rank_out}, {rank_in}) outside [1, {conv.out_channels}] x [1, {conv.in_channels}]")
-    bias = conv.bias is not None
-    keep_in, keep_out = rank_in < conv.in_channels, rank_out < conv.out_channels
-    factory = {"device": conv.weight.device, "dtype": conv.weight.dtype}
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    if keep_in:
-        layers["reduce"] = nn.Conv2d(conv.in_channels, rank_in, 1, bias=False, **factory)
-    layers["core"] = nn.Conv2d(
-        rank_in, rank_out, conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-        padding_mode=conv.padding_mode, bias=bias and not keep_out, **factory,
-    )
-    if keep_out:
-        layers["restore"] = nn.Conv2d(rank_out, conv.out_channels, 1, bias=bias, **factory)
-    block = nn.Sequential(layers)
-    block.requires_grad_(conv.weight.requires_grad)
-    return block.train(conv.training)
-
-
 def _eligibility(model: nn.Module, ignore: tuple[str, ...]) -> tuple[dict[str, nn.Conv2d], dict[str, str]]:
     """Convs that may be factorised, and the reason each other Conv2d stays dense."""
     eligible: dict[str, nn.Conv2d] = {}
@@ -249,8 +182,9 @@ def _conv_specs(conv: nn.Conv2d, ranks: tuple[int, int] | None) -> list[dict[str
     if ranks is None:
         return [{"shape": (conv.out_channels, conv.in_channels, kh, kw), "bias": conv.bias is not None, **spatial}]
     block = tucker_block(conv, rank_out=ranks[0], rank_in=ranks[1])
+    convs = [(name, cast(nn.Conv2d, m)) for name, m in block.named_children()]
     return [{"shape": tuple(m.weight.shape), "bias": m.bias is not None,
-             **(spatial if name == "core" else {"kernel_shape": [1, 1]})} for name, m in block.named_children()]
+             **(spatial if name == "core" else {"kernel_shape": [1, 1]})} for name, m in convs]
 
 
 def _write_conv_chain(specs: list[dict[str, Any]], c_in: int, in_hw: tuple[int, int], path: Any) -> None:
@@ -336,72 +270,98 @@ def _latency_aware(choose: Any, convs: Mapping[str, nn.Conv2d], shapes: Mapping[
     return ranks, facts
 
 
-# -------------------------------------------------------------------------------------------------- transform
-@register_transform
-class TuckerTransform(Transform):
+
+
+# ----------------------------------------------------------------------------------------------------- method
+class Tucker(Method):
     """Tucker-2 factorisation of the eligible convolutions (see the module docstring)."""
 
-    kind = "tucker"
+    name = "tucker"
+    summary = "Tucker-2 factorisation of each eligible conv (tensorly); only where params and MACs both drop"
+    Options = TuckerOptions
     default_metric = "params"
+    metrics = ("params", "macs")
 
-    def apply(self, model: nn.Module, ctx: TransformContext) -> TransformResult:
-        cfg, metric = ctx.cfg, ctx.metric
-        opts = parse_options(cfg.method_options, method=cfg.method)
-        if opts.adaptive and cfg.epochs < 1:
-            raise InputError("--tucker-adaptive trains the ranks during fine-tuning; pass --epochs 1 or more")
-        if metric not in METRICS:
-            raise InputError(f"--method {cfg.method}: --target-metric must be params or macs for a factorisation "
-                             f"(it keeps every filter); got {metric!r}")
+    def needs_epochs(self) -> bool:
+        return bool(self.options.adaptive)
+
+    def apply(self, model: nn.Module, ctx: MethodContext) -> MethodResult:
+        opts, budget = self.options, ctx.budget
         out = copy.deepcopy(model).eval()
-        convs, dense = _eligibility(out, tuple(cfg.ignore_layers))
+        convs, dense = _eligibility(out, tuple(budget.ignore_layers))
         shapes = conv_shapes(out, convs, ctx.example, dense)
-        original_total = engine.measure(ctx.original, ctx.example, metric)
-        current_total = engine.measure(out, ctx.example, metric)
+        original_total = engine.measure(ctx.original, ctx.example, budget.metric)
+        current_total = engine.measure(out, ctx.example, budget.metric)
+        choose = self._chooser(convs, target=budget.target, metric=budget.metric, original_total=original_total,
+                               current_total=current_total)
+        if opts.latency_aware:
+            ranks, facts = _latency_aware(choose, convs, shapes, dense, threads=ctx.threads)
+        else:
+            ranks, facts = choose(shapes)
+        layers = _factorise(out, convs, shapes, ranks, dense)
+        after = engine.measure(out, ctx.example, budget.metric)
+        record = {"kind": "tucker", "layers": {n: [int(r) for r in f["ranks"]] for n, f in layers.items()}}
+        report = {"rank_rule": opts.rank_rule, "metric": budget.metric, "target": budget.target,
+                  "achieved": 1.0 - after / original_total, "achieved_by_step": 1.0 - after / current_total,
+                  **facts, "adaptive": opts.adaptive,
+                  **({"tau": opts.tau, "period": opts.period} if opts.adaptive else {}),
+                  "layers": layers, "dense": dense}
+        callbacks = []
+        if opts.adaptive:
+            callbacks.append(AdaptiveTucker(record, input_sizes={n: shapes[n].in_hw for n in layers}, tau=opts.tau,
+                                            period=opts.period,
+                                            metric=budget.metric if opts.rank_rule == "target" else None))
+        return MethodResult(out.eval(), [record], {"tucker": report}, callbacks)
 
-        def choose(candidates: Mapping[str, ConvShape]) -> tuple[dict[str, tuple[int, int] | None], dict]:
+    def _chooser(self, convs: Mapping[str, nn.Conv2d], *, target: float, metric: str, original_total: int,
+                 current_total: int) -> Callable[[Mapping[str, ConvShape]], tuple[dict[str, Any], dict]]:
+        """Ranks for a set of candidate layers, by the rank rule; the latency-aware loop calls it repeatedly."""
+        opts = self.options
+
+        def choose(candidates: Mapping[str, ConvShape]) -> tuple[dict[str, Any], dict]:
             if opts.rank_rule == "target":
-                return _target_ranks(convs, candidates, target=cfg.target, metric=metric,
+                return _target_ranks(convs, candidates, target=target, metric=metric,
                                      original_total=original_total, current_total=current_total)
             note = f"rank rule {opts.rank_rule!r} chooses the ranks; --target is not enforced"
             return _rule_ranks(convs, candidates, opts), {"note": note}
 
-        if opts.latency_aware:
-            ranks, facts = _latency_aware(choose, convs, shapes, dense, threads=cfg.threads)
-        else:
-            ranks, facts = choose(shapes)
-        layers: dict[str, Any] = {}
-        for name, chosen in ranks.items():
-            if chosen is None:
-                dense[name] = "factorising would not lower both params and MACs at the allocated ranks"
-                continue
-            _set_module(out, name, factorize_conv(convs[name], rank_out=chosen[0], rank_in=chosen[1]))
-            layers[name] = _layer_facts(shapes[name], chosen)
-        for name in shapes:
-            if layers and name not in layers and name not in dense:
-                dense[name] = "not needed to meet the target"
-        after = engine.measure(out, ctx.example, metric)
-        record = {"kind": self.kind, "layers": {n: [int(r) for r in f["ranks"]] for n, f in layers.items()}}
-        info = {"tucker": {"rank_rule": opts.rank_rule, "metric": metric, "target": cfg.target,
-                           "achieved": 1.0 - after / original_total, "achieved_by_step": 1.0 - after / current_total,
-                           **facts, "adaptive": opts.adaptive,
-                           **({"tau": opts.tau, "period": opts.period} if opts.adaptive else {}),
-                           "layers": layers, "dense": dense}}
-        return TransformResult(out.eval(), record, info)
+        return choose
 
-    @classmethod
-    def replay(cls, model: nn.Module, record: Mapping[str, Any], example: torch.Tensor) -> nn.Module:
-        for name, ranks in dict(record.get("layers", {})).items():
-            try:
-                conv = model.get_submodule(str(name))
-            except AttributeError:
-                conv = None
-            if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
-                raise ModelLoadError(f"the saved tucker record names {name!r}, which is not a groups=1 Conv2d of "
-                                     "the rebuilt model; was it saved by another version of the architecture?")
-            rank_out, rank_in = (int(r) for r in ranks)
-            try:
-                block = tucker_block(conv, rank_out=rank_out, rank_in=rank_in)
-            except ValueError as exc:
-                raise ModelLoadError(f"the saved tucker record for {name!r} does not fit the model: {exc}") from None
-            _set_module(model, str(name), block)
-        return model
+
+def _factorise(model: nn.Module, convs: Mapping[str, nn.Conv2d], shapes: Mapping[str, ConvShape],
+               ranks: Mapping[str, tuple[int, int] | None], dense: dict[str, str]) -> dict[str, Any]:
+    """Replace each conv with chosen ranks by its factorisation (in ``model``); the report's layer facts. Layers left
+    dense get their reason in ``dense``."""
+    layers: dict[str, Any] = {}
+    for name, chosen in ranks.items():
+        if chosen is None:
+            dense[name] = "factorising would not lower both params and MACs at the allocated ranks"
+            continue
+        set_module(model, name, factorize_conv(convs[name], rank_out=chosen[0], rank_in=chosen[1]))
+        layers[name] = _layer_facts(shapes[name], chosen)
+    for name in shapes:
+        if layers and name not in layers and name not in dense:
+            dense[name] = "not needed to meet the target"
+    return layers
+
+
+def replay_tucker(model: nn.Module, record: Mapping[str, Any], example: torch.Tensor) -> nn.Module:
+    """Rebuild the factorised structure of a tucker ``record`` on a freshly built ``model`` (weights load later)."""
+    for name, ranks in dict(record.get("layers", {})).items():
+        try:
+            conv = model.get_submodule(str(name))
+        except AttributeError:
+            conv = None
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+            raise ModelLoadError(f"the saved tucker record names {name!r}, which is not a groups=1 Conv2d of "
+                                 "the rebuilt model; was it saved by another version of the architecture?")
+        rank_out, rank_in = (int(r) for r in ranks)
+        try:
+            block = tucker_block(conv, rank_out=rank_out, rank_in=rank_in)
+        except ValueError as exc:
+            raise ModelLoadError(f"the saved tucker record for {name!r} does not fit the model: {exc}") from None
+        set_module(model, str(name), block)
+    return model
+
+
+register_replay("tucker", replay_tucker)

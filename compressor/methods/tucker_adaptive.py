@@ -1,4 +1,5 @@
-"""Rank-adaptive fine-tuning of Tucker-2 factorised convolutions (``--tucker-adaptive``, tolerance ``--tau``; issue 5).
+"""Rank-adaptive training of Tucker-2 factorised convolutions (``--tucker-adaptive``, tolerance ``--tucker-tau``,
+cycle ``--tucker-period``), as a :class:`~compressor.training.Callback` of the one Trainer.
 
 A simplified form of the rank-adaptive basis-update-and-Galerkin (BUG) integrator for Tucker tensors of Zangrando,
 Schotthöfer, Ceruti, Kusch & Tudisco, "Geometry-aware training of factorized layers in tensor Tucker format"
@@ -21,99 +22,42 @@ cycle below, run every ``period`` steps:
    style).
 
 Ranks therefore grow (at most double per cycle) where the gradient finds new directions the Galerkin steps use, and
-shrink where the core's spectrum decays below the tolerance. The SGD momentum buffer of the core is a linear
-function of it and is projected along in both steps (zero-padded, then cut by the same :math:`P`). Departures from
-the paper, for simplicity: augmentation and truncation happen every ``period`` steps instead of every step, the
-factor gradient is the one of a single batch, and plain SGD with momentum (no Adam) trains the core.
+shrink where the core's spectrum decays below the tolerance. The optimiser's state for the core moves along in both
+steps: linear statistics (SGD's momentum buffer, Adam's first moment) are zero-padded, then cut by the same
+:math:`P`; Adam's second moment is cut by :math:`P \\circ P` so it stays non-negative. Departures from the paper, for
+simplicity: augmentation and truncation happen every ``period`` steps instead of every step, and the factor gradient
+is the one of a single batch (of whatever loss the Trainer uses: cross-entropy or distillation; under AMP it is the
+scaled gradient, whose span is the same, and a step with non-finite gradients skips the augmentation).
 
-One addition for ``--rank-rule target``: with ``AdaptiveConfig.metric`` set, each truncation also keeps the
-factorised layers' total params (or MACs) at its starting value, dropping the smallest and restoring the largest
-relative singular values across all layers (:func:`_budget_ranks`); ``tau`` alone would shrink the model below the
-requested budget (ResNet-56 at ``--target 0.33`` and ``tau = 0.1``: 40.5% of the parameters removed after the first
-truncation) or let it grow past it.
+One addition for ``--tucker-rank-rule target``: with a ``metric``, each truncation also keeps the factorised layers'
+total params (or MACs) at its starting value, dropping the smallest and restoring the largest relative singular
+values across all layers (:func:`budget_ranks`); ``tau`` alone would shrink the model below the requested budget
+(ResNet-56 at ``--target 0.33`` and ``tau = 0.1``: 40.5% of the parameters removed after the first truncation) or let
+it grow past it.
 
 At the end each factorised layer is written back as the plain ``nn.Sequential`` of
-:func:`compressor.methods.tucker.tucker_block` with the final ranks (a 1x1 at full rank folded into the core); a
-layer whose final ranks no longer lower both its params and MACs is written back as the dense conv it represents
-and leaves the record. :func:`adaptive_finetune` returns the record to save, so that ``load_compressed`` replays
-exactly what was trained.
+:func:`~compressor.methods.tucker_modules.tucker_block` with the final ranks (a 1x1 at full rank folded into the
+core); a layer whose final ranks no longer lower both its params and MACs is written back as the dense conv it
+represents and leaves the record. :meth:`AdaptiveTucker.records` gives the record to save, so that
+``load_compressed`` replays exactly what was trained.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CompressorError, DataError, InputError
+from ..errors import CompressorError, InputError
 from ..factorize import ConvShape, tucker2_cost, tucker2_shrinks
-from ..finetune import _Progress, cosine_lr, evaluate
-from .tucker import _set_module, tucker_block
+from ..training import Callback, TrainState
+from .tucker_modules import set_module, tucker_block
 
-__all__ = ["AdaptiveConfig", "AdaptiveResult", "AdaptiveTucker", "adaptive_finetune", "truncation_rank"]
-
-
-
-@dataclass(frozen=True)
-class AdaptiveConfig:
-    """Options of :func:`adaptive_finetune`: ``tau`` in (0, 1), ``period`` >= 2 steps per augment/truncate cycle,
-    SGD ``lr`` (cosine schedule), ``momentum`` (Nesterov) and ``weight_decay``, ``epochs`` and ``seed``.
-
-    ``metric`` (``params`` or ``macs``) holds the factorised layers' total of that metric at what it was at the start
-    (within one rank step), so a ``--target`` met by the factorisation stays met: each truncation cuts to the
-    ``tau``-ranks, then moves rank between layers and modes to spend exactly that budget (:func:`_budget_ranks`).
-    ``None`` lets ``tau`` alone decide (the paper's setting; the model may shrink or grow).
-    """
-
-    epochs: int
-    lr: float = 0.01
-    tau: float = 0.1
-    period: int = 5
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    metric: str | None = "params"
-
-    def validate(self) -> AdaptiveConfig:
-        checks = [
-            (isinstance(self.epochs, int) and self.epochs >= 0, f"--epochs must be >= 0; got {self.epochs!r}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be > 0; got {self.lr!r}"),
-            (0.0 < self.tau < 1.0, f"--tau must be a fraction in (0, 1); got {self.tau!r}"),
-            (isinstance(self.period, int) and self.period >= 2,
-             f"the augment/truncate period must be an integer >= 2 steps; got {self.period!r}"),
-            (0.0 <= self.momentum < 1.0 and self.weight_decay >= 0.0,
-             f"momentum must be in [0, 1) and weight decay >= 0; got {self.momentum!r}, {self.weight_decay!r}"),
-            (self.metric in (None, "params", "macs"), f"the rank budget metric must be params, macs or None; "
-                                                       f"got {self.metric!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
-        return self
-
-
-@dataclass(frozen=True)
-class AdaptiveResult:
-    """What :func:`adaptive_finetune` did. ``history``/``seconds``/``device``/``amp`` mirror
-    :class:`compressor.finetune.FinetuneResult`; ``record`` replaces the tucker record; ``trajectory`` maps each
-    layer to its ``[rank_out, rank_in]`` at the start and after each epoch; ``densified`` lists the layers written
-    back as dense convs."""
-
-    model: nn.Module
-    record: dict[str, Any]
-    trajectory: dict[str, list[list[int]]]
-    densified: list[str]
-    history: list[dict[str, Any]]
-    seconds: float
-    device: str
-    amp: bool = False
+__all__ = ["AdaptiveTucker", "AdaptiveTuckerConv", "augment", "budget_ranks", "truncate", "truncation_rank"]
 
 
 def truncation_rank(singular_values: torch.Tensor, tau: float) -> int:
@@ -130,16 +74,21 @@ def _mode_product(core: torch.Tensor, matrix: torch.Tensor, mode: int) -> torch.
     return torch.movedim(torch.tensordot(matrix, core, dims=([1], [mode])), 0, mode)
 
 
-class AdaptiveTucker(nn.Module):
+class AdaptiveTuckerConv(nn.Module):
     """Training-time form of a Tucker-2 block: ``conv1x1(U_in^T) -> kxk core -> conv1x1(U_out)`` with orthonormal
-    factors (``u_out``, ``u_in`` buffers, gradients only when probed) and a trainable ``core`` and ``bias``."""
+    factors (``u_out``, ``u_in`` buffers, gradients only while probed) and a trainable ``core`` and ``bias``.
+    ``in_hw`` is the spatial size of the layer's input (for its costs and the export)."""
 
-    def __init__(self, block: nn.Sequential) -> None:
+    u_out: torch.Tensor
+    u_in: torch.Tensor
+
+    def __init__(self, block: nn.Sequential, in_hw: tuple[int, int]) -> None:
         super().__init__()
-        core_conv: nn.Conv2d = block.core
+        core_conv = _part(block, "core")
+        assert core_conv is not None  # every Tucker-2 block has a core
         if core_conv.padding_mode != "zeros":
             raise InputError(f"--tucker-adaptive supports zero padding only; got {core_conv.padding_mode!r}")
-        reduce, restore = getattr(block, "reduce", None), getattr(block, "restore", None)
+        reduce, restore = _part(block, "reduce"), _part(block, "restore")
         last = restore if restore is not None else core_conv
         ref = core_conv.weight.detach().double()
         eye = {n: torch.eye(n, dtype=ref.dtype, device=ref.device) for n in ref.shape[:2]}
@@ -154,13 +103,12 @@ class AdaptiveTucker(nn.Module):
         self.bias = nn.Parameter(last.bias.detach().clone()) if last.bias is not None else None
         self.register_buffer("u_out", q_out.to(core_conv.weight.dtype))
         self.register_buffer("u_in", q_in.to(core_conv.weight.dtype))
-        self.in_hw: tuple[int, int] | None = None
+        self.in_hw = (int(in_hw[0]), int(in_hw[1]))
 
     def ranks(self) -> list[int]:
         return [int(self.u_out.shape[1]), int(self.u_in.shape[1])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.in_hw = (int(x.shape[-2]), int(x.shape[-1]))
         x = F.conv2d(x, self.u_in.T[:, :, None, None])
         x = F.conv2d(x, self.core, None, self.stride, self.padding, self.dilation)
         return F.conv2d(x, self.u_out[:, :, None, None], self.bias)
@@ -171,89 +119,115 @@ class AdaptiveTucker(nn.Module):
     def set_factor(self, mode: int, value: torch.Tensor) -> None:
         setattr(self, "u_out" if mode == 0 else "u_in", value.to(self.core.dtype).contiguous())
 
+    def probe(self, on: bool) -> None:
+        """Let the next backward pass compute the factors' gradients (``on``), or stop and drop them."""
+        for mode in (0, 1):
+            self.factor(mode).requires_grad_(on)
+            if not on:
+                self.factor(mode).grad = None
+
     def export(self, template: nn.Conv2d) -> tuple[nn.Module, list[int] | None]:
         """The plain module for the final ranks (``tucker_block`` layout), or the dense conv when that is smaller;
         returns it with its record ranks (None for dense)."""
-        core, u_out, u_in = self.core.detach(), self.u_out, self.u_in
-        (c_out, r_out), (c_in, r_in) = u_out.shape, u_in.shape
-        shape = ConvShape.from_conv(template, self.in_hw) if self.in_hw else None
-        shrinks = shape is not None and tucker2_shrinks(shape, rank_out=r_out, rank_in=r_in)
+        core = self.core.detach()
+        (c_out, r_out), (c_in, r_in) = self.u_out.shape, self.u_in.shape
+        shrinks = tucker2_shrinks(ConvShape.from_conv(template, self.in_hw), rank_out=r_out, rank_in=r_in)
         if not shrinks:
             r_out, r_in = c_out, c_in
+        u_out: torch.Tensor | None = self.u_out
+        u_in: torch.Tensor | None = self.u_in
         if r_in == c_in:
-            core, u_in = _mode_product(core, u_in, 1), None
+            core, u_in = _mode_product(core, self.u_in, 1), None
         if r_out == c_out:
-            core, u_out = _mode_product(core, u_out, 0), None
+            core, u_out = _mode_product(core, self.u_out, 0), None
         if not shrinks:
             dense = copy.deepcopy(template)
             with torch.no_grad():
                 dense.weight.copy_(core)
-                if dense.bias is not None:
+                if dense.bias is not None and self.bias is not None:
                     dense.bias.copy_(self.bias)
             return dense, None
         block = tucker_block(template, rank_out=r_out, rank_in=r_in)
+        reduce, block_core, restore = _part(block, "reduce"), _part(block, "core"), _part(block, "restore")
+        assert block_core is not None
         with torch.no_grad():
-            if u_in is not None:
-                block.reduce.weight.copy_(u_in.T[:, :, None, None])
-            block.core.weight.copy_(core)
-            if u_out is not None:
-                block.restore.weight.copy_(u_out[:, :, None, None])
-            last = block.restore if u_out is not None else block.core
-            if last.bias is not None:
+            if reduce is not None and u_in is not None:
+                reduce.weight.copy_(u_in.T[:, :, None, None])
+            block_core.weight.copy_(core)
+            if restore is not None and u_out is not None:
+                restore.weight.copy_(u_out[:, :, None, None])
+            last = restore if restore is not None else block_core
+            if last.bias is not None and self.bias is not None:
                 last.bias.copy_(self.bias)
         return block, [r_out, r_in]
 
 
+def _part(block: nn.Module, name: str) -> nn.Conv2d | None:
+    """The ``reduce``, ``core`` or ``restore`` conv of a Tucker-2 block (None when absent)."""
+    return cast("nn.Conv2d | None", getattr(block, name, None))
+
+
+Layers = Mapping[str, tuple[AdaptiveTuckerConv, nn.Conv2d]]  # name -> (training-time layer, dense conv template)
+
+
 # --------------------------------------------------------------------------------------------- the two moves
-def _swap_core(opt: torch.optim.Optimizer, layer: AdaptiveTucker, new_core: torch.Tensor,
-               new_buffer: torch.Tensor | None) -> None:
-    """Replace ``layer.core`` by a new Parameter, in the optimiser too, carrying the projected momentum."""
+def _replace_core(opt: torch.optim.Optimizer, layer: AdaptiveTuckerConv,
+                  move: Callable[[torch.Tensor, bool], torch.Tensor]) -> None:
+    """Replace ``layer.core`` by ``move(core, False)`` as a new Parameter, in ``opt`` too, carrying the optimiser's
+    state of the core along: ``move(t, True)`` for Adam's second moment (``exp_avg_sq``), ``move(t, False)`` for
+    every other state tensor of the core's shape (momentum buffer, first moment); scalars (Adam's step) stay."""
     old = layer.core
-    layer.core = nn.Parameter(new_core.to(old.dtype).contiguous())
+    layer.core = nn.Parameter(move(old.detach().double(), False).to(old.dtype).contiguous())
     for group in opt.param_groups:
         group["params"] = [layer.core if p is old else p for p in group["params"]]
     state = opt.state.pop(old, {})
-    if new_buffer is not None and "momentum_buffer" in state:
-        opt.state[layer.core] = {**state, "momentum_buffer": new_buffer.to(old.dtype).contiguous()}
-
-
-def _momentum(opt: torch.optim.Optimizer, layer: AdaptiveTucker) -> torch.Tensor | None:
-    buffer = opt.state.get(layer.core, {}).get("momentum_buffer")
-    return None if buffer is None else buffer.detach().double()
+    if state:
+        opt.state[layer.core] = {
+            key: move(value.detach().double(), key == "exp_avg_sq").to(value.dtype).contiguous()
+            if torch.is_tensor(value) and value.shape == old.shape else value
+            for key, value in state.items()}
 
 
 @torch.no_grad()
-def _augment(layer: AdaptiveTucker, opt: torch.optim.Optimizer) -> None:
-    core, buffer = layer.core.detach().double(), _momentum(opt, layer)
+def augment(layer: AdaptiveTuckerConv, opt: torch.optim.Optimizer) -> None:
+    """Step 1 (module docstring): extend each factor by its gradient's directions, pad the core (and its optimiser
+    state) with zeros; the layer's function is unchanged. A mode at full rank, without a gradient, or with a
+    non-finite one (a step the AMP scaler skipped) is left as it is."""
+    pads = []
     for mode in (0, 1):
         u = layer.factor(mode).detach().double()
         c, r = u.shape
         grad = layer.factor(mode).grad
-        if r >= c or grad is None:
+        if r >= c or grad is None or not torch.isfinite(grad).all():
             continue
         q = torch.linalg.qr(torch.cat([u, grad.double()], dim=1)).Q[:, :min(2 * r, c)]
         q[:, :r] = u  # Q[:, :r] = U diag(+-1) exactly in exact arithmetic; keep U itself (no sign flips)
         q[:, r:] -= u @ (u.T @ q[:, r:])  # re-orthogonalise the new columns against U (float round-off)
         q[:, r:] = torch.linalg.qr(q[:, r:]).Q
-        pad = [0] * (2 * core.ndim)
-        pad[2 * (core.ndim - 1 - mode) + 1] = q.shape[1] - r  # zero rows for the new directions along `mode`
-        core = F.pad(core, pad)
-        buffer = F.pad(buffer, pad) if buffer is not None else None
+        pad = [0] * (2 * layer.core.ndim)
+        pad[2 * (layer.core.ndim - 1 - mode) + 1] = q.shape[1] - r  # zero rows for the new directions along `mode`
+        pads.append(pad)
         layer.set_factor(mode, q)
-    _swap_core(opt, layer, core, buffer)
+    if pads:
+        def move(t: torch.Tensor, squared: bool) -> torch.Tensor:
+            for pad in pads:
+                t = F.pad(t, pad)
+            return t
+
+        _replace_core(opt, layer, move)
 
 
-def _layer_cost(layer: AdaptiveTucker, template: nn.Conv2d, ranks: tuple[int, int], metric: str) -> int:
-    """``metric`` of the module :meth:`AdaptiveTucker.export` writes for ``ranks`` (dense when that is smaller)."""
-    shape = ConvShape.from_conv(template, layer.in_hw or (1, 1))
+def _layer_cost(layer: AdaptiveTuckerConv, template: nn.Conv2d, ranks: tuple[int, int], metric: str) -> int:
+    """``metric`` of the module :meth:`AdaptiveTuckerConv.export` writes for ``ranks`` (dense when that is smaller)."""
+    shape = ConvShape.from_conv(template, layer.in_hw)
     cost = tucker2_cost(shape, rank_out=ranks[0], rank_in=ranks[1])
     if not tucker2_shrinks(shape, rank_out=ranks[0], rank_in=ranks[1]):
         cost = shape.dense_cost()
     return int(getattr(cost, metric))
 
 
-def _budget_ranks(spectra: Mapping[str, list[torch.Tensor]], ranks: dict[str, list[int]],
-                  cost: Any, budget: int) -> dict[str, list[int]]:
+def budget_ranks(spectra: Mapping[str, list[torch.Tensor]], ranks: dict[str, list[int]],
+                 cost: Callable[[str, list[int]], int], budget: int) -> dict[str, list[int]]:
     """Spend exactly the budget, greedily on relative singular values ``s_i / ||s||`` across all layers and modes.
 
     Over budget: drop the smallest kept value, one rank at a time, until ``sum(cost(name, ranks)) <= budget``.
@@ -292,175 +266,129 @@ def _budget_ranks(spectra: Mapping[str, list[torch.Tensor]], ranks: dict[str, li
 
 
 @torch.no_grad()
-def _truncate(layers: Mapping[str, tuple[AdaptiveTucker, nn.Conv2d]], opt: torch.optim.Optimizer, cfg: AdaptiveConfig,
-              budget: int | None) -> None:
-    """Cut every layer to its tau-rank, then (with a budget) move ranks globally until the budget is spent."""
+def truncate(layers: Layers, opt: torch.optim.Optimizer, *, tau: float, metric: str | None = None,
+             budget: int | None = None) -> None:
+    """Step 3 (module docstring): cut every layer to its ``tau``-rank, then (with ``metric`` and ``budget``) move
+    ranks across layers and modes until the budget is spent (:func:`budget_ranks`)."""
     bases, spectra, ranks = {}, {}, {}
     for name, (layer, _) in layers.items():
         core = layer.core.detach().double()
         svds = [torch.linalg.svd(torch.movedim(core, m, 0).reshape(core.shape[m], -1), full_matrices=False)
                 for m in (0, 1)]
         bases[name], spectra[name] = [u for u, _, _ in svds], [s for _, s, _ in svds]
-        ranks[name] = [truncation_rank(s, cfg.tau) for s in spectra[name]]
-    if budget is not None and cfg.metric is not None:
-        metric = cfg.metric
-        ranks = _budget_ranks(spectra, ranks, lambda n, r: _layer_cost(*layers[n], tuple(r), metric), budget)
+        ranks[name] = [truncation_rank(s, tau) for s in spectra[name]]
+    if budget is not None and metric is not None:
+        chosen = metric
+        ranks = budget_ranks(spectra, ranks, lambda n, r: _layer_cost(*layers[n], (r[0], r[1]), chosen), budget)
     for name, (layer, _) in layers.items():
-        core, buffer = layer.core.detach().double(), _momentum(opt, layer)
-        for mode in (0, 1):
-            p = bases[name][mode][:, :ranks[name][mode]]
-            core = _mode_product(core, p.T, mode)
-            buffer = _mode_product(buffer, p.T, mode) if buffer is not None else None
+        cuts = [bases[name][mode][:, :ranks[name][mode]] for mode in (0, 1)]
+
+        def move(t: torch.Tensor, squared: bool, cuts: list[torch.Tensor] = cuts) -> torch.Tensor:
+            for mode, p in enumerate(cuts):
+                t = _mode_product(t, p.T**2 if squared else p.T, mode)
+            return t
+
+        for mode, p in enumerate(cuts):
             layer.set_factor(mode, layer.factor(mode).double() @ p)
-        _swap_core(opt, layer, core, buffer)
+        _replace_core(opt, layer, move)
 
 
-# ---------------------------------------------------------------------------------------------------- the loop
-def _wrap(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[AdaptiveTucker, nn.Conv2d]]:
-    """Swap each recorded block for an :class:`AdaptiveTucker`; keep a dense conv template for the export."""
-    layers = {}
-    for name in names:
-        block = model.get_submodule(name)
-        if not (isinstance(block, nn.Sequential) and hasattr(block, "core")):
-            raise CompressorError(f"{name!r} is not a Tucker-2 block of the compressed model; the record is stale")
-        core, first, last = block.core, block[0], block[-1]
-        template = nn.Conv2d(first.in_channels, last.out_channels, core.kernel_size, stride=core.stride,
-                             padding=core.padding, dilation=core.dilation, padding_mode=core.padding_mode,
-                             bias=last.bias is not None, device=core.weight.device, dtype=core.weight.dtype)
-        layer = AdaptiveTucker(block)
-        _set_module(model, name, layer)
-        layers[name] = (layer, template)
-    return layers
-
-
-def _run_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer,
-               wrapped: Mapping[str, tuple[AdaptiveTucker, nn.Conv2d]], *, cfg: AdaptiveConfig, step: int, total: int,
-               device: torch.device, budget: int | None,
-               settled: dict[str, list[int]]) -> tuple[int, float, float]:
-    """One pass over ``loader``; returns the next global step, the mean loss and the training top-1. ``settled``
-    receives each layer's ranks after every truncation (an epoch can end mid-cycle, with the bases augmented)."""
-    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0
-    layers = {name: layer for name, (layer, _) in wrapped.items()}
-    model.train()
-    for x, y in loader:
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, total, cfg.lr, 0)
-        cycle_pos, probe = step % cfg.period, False
-        if cycle_pos == 0:  # 1) probe: this step's backward also gives dL/dU for the augmentation
-            probe = True
-            for layer in layers.values():
-                layer.u_out.requires_grad_(True)
-                layer.u_in.requires_grad_(True)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if probe:  # augment the bases, then Galerkin steps on the core until the cycle ends
-            for layer in layers.values():
-                _augment(layer, opt)
-                for mode in (0, 1):
-                    layer.factor(mode).requires_grad_(False)
-                    layer.factor(mode).grad = None
-        if cycle_pos == cfg.period - 1 or step == total - 1:  # 3) truncate with tolerance tau
-            _truncate(wrapped, opt, cfg, budget)
-            settled.update({name: layer.ranks() for name, layer in layers.items()})
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(dim=1) == y).sum()
-        seen, step = seen + len(y), step + 1
-    return step, float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1)
-
-
-@torch.no_grad()
-def _start_budget(model: nn.Module, wrapped: Mapping[str, tuple[AdaptiveTucker, nn.Conv2d]], loader: Any,
-                  metric: str | None, device: torch.device) -> int | None:
-    """The factorised layers' total ``metric`` at the start (None without a metric). One eval forward first
-    records each layer's input size, which the costs and the final export need."""
-    if not wrapped:
-        return None
-    x, _ = next(iter(loader))
-    was_training = model.training
-    model.eval()
-    model(x[:1].to(device))
-    model.train(was_training)
-    if metric is None:
-        return None
-    return sum(_layer_cost(layer, template, tuple(layer.ranks()), metric) for layer, template in wrapped.values())
-
-
-def _export(model: nn.Module, wrapped: Mapping[str, tuple[AdaptiveTucker, nn.Conv2d]]) -> tuple[dict, list[str]]:
-    """Write every layer back as plain convs (in place); the record's layers and the layers turned dense."""
-    new_layers, densified = {}, []
-    for name, (layer, template) in wrapped.items():
-        module, ranks = layer.export(template)
-        _set_module(model, name, module)
-        if ranks is None:
-            densified.append(name)
-        else:
-            new_layers[name] = ranks
-    model.eval()
-    return new_layers, densified
-
-
-def adaptive_finetune(model: nn.Module, loader: Any, *, record: Mapping[str, Any], config: AdaptiveConfig,
-                      device: torch.device | str | None = None, eval_loader: Any = None,
-                      progress: bool = True) -> AdaptiveResult:
-    """Fine-tune a Tucker-factorised model with rank-adaptive BUG steps (see the module docstring).
+# ------------------------------------------------------------------------------------------------ the callback
+class AdaptiveTucker(Callback):
+    """The Trainer callback of ``--tucker-adaptive`` (see the module docstring).
 
     Parameters
     ----------
-    model : nn.Module
-        The model :class:`~compressor.methods.tucker.TuckerTransform` produced; not modified (a copy is trained).
-    loader : iterable of (x, y) with ``len()``
-        Training batches.
     record : mapping
-        The tucker transform's record (``{"kind": "tucker", "layers": {name: [rank_out, rank_in]}}``).
-    config : AdaptiveConfig
-        ``tau``, ``period``, ``lr``, ``epochs``...
-    device : optional
-        Default: where the model's parameters are.
-    eval_loader : optional
-        Evaluated after every epoch (``eval_acc`` in the history).
-    progress : bool
-        One line per epoch on stderr, as :func:`compressor.finetune.finetune`.
+        The tucker record of :meth:`compressor.methods.tucker.Tucker.apply` (``{"kind": "tucker", "layers":
+        {name: [rank_out, rank_in]}}``): the layers of the trained model to wrap.
+    input_sizes : mapping
+        Spatial size ``(h, w)`` of each layer's input (the costs and the export need them).
+    tau, period : float, int
+        Truncation tolerance in (0, 1) and steps per augment/truncate cycle (>= 2); validated by ``TuckerOptions``.
+    metric : str or None
+        ``params`` or ``macs``: hold the factorised layers' total of it at its starting value; None lets ``tau``
+        alone decide (the model may shrink or grow).
 
-    Returns
-    -------
-    AdaptiveResult
-        The trained model in plain-conv form, the record to save in place of ``record``, the rank trajectory.
+    After training, :meth:`records` and :meth:`report` replace the method's record and extend its report section.
     """
-    cfg = config.validate()
-    if not hasattr(loader, "__len__") or len(loader) == 0:
-        raise DataError("adaptive fine-tuning needs a non-empty training loader with a length")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    torch.manual_seed(cfg.seed)
-    model = copy.deepcopy(model).to(device)
-    wrapped = _wrap(model, dict(record.get("layers", {})))
-    layers = {name: layer for name, (layer, _) in wrapped.items()}
-    trajectory = {name: [layer.ranks()] for name, layer in layers.items()}  # then the settled ranks per epoch
-    settled = {name: layer.ranks() for name, layer in layers.items()}
-    budget = _start_budget(model, wrapped, loader, cfg.metric, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
-    history: list[dict[str, Any]] = []
-    bar = _Progress(progress, None, cfg.epochs, len(loader))
-    start, step, total = time.perf_counter(), 0, cfg.epochs * len(loader)
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        step, loss, train_acc = _run_epoch(model, loader, opt, wrapped, cfg=cfg, step=step, total=total, device=device,
-                                           budget=budget, settled=settled)
-        if not math.isfinite(loss):
-            raise CompressorError(f"adaptive fine-tuning diverged: the loss is {loss} in epoch {epoch}; lower --lr")
-        for name in layers:
-            trajectory[name].append(list(settled[name]))
-        eval_acc = evaluate(model, eval_loader, device=device) if eval_loader is not None else None
-        history.append({"epoch": epoch, "loss": loss, "train_acc": train_acc, "eval_acc": eval_acc,
-                        "lr": cosine_lr(step - 1, total, cfg.lr, 0), "seconds": time.perf_counter() - t0,
-                        "ranks": sum(sum(r) for r in settled.values())})
-        bar.epoch(history[-1])
-    new_layers, densified = _export(model, wrapped)
-    return AdaptiveResult(model=model, record={**record, "layers": new_layers}, trajectory=trajectory,
-                          densified=densified, history=history, seconds=time.perf_counter() - start,
-                          device=str(device))
+
+    def __init__(self, record: Mapping[str, Any], *, input_sizes: Mapping[str, tuple[int, int]], tau: float,
+                 period: int, metric: str | None) -> None:
+        self.record = {**record, "layers": {str(n): [int(r) for r in rs] for n, rs in record["layers"].items()}}
+        self.input_sizes, self.tau, self.period, self.metric = dict(input_sizes), tau, period, metric
+        self.layers: dict[str, tuple[AdaptiveTuckerConv, nn.Conv2d]] = {}
+        self.budget: int | None = None
+        self.settled = {name: list(ranks) for name, ranks in self.record["layers"].items()}
+        self.trajectory = {name: [list(ranks)] for name, ranks in self.settled.items()}
+        self.final: dict[str, list[int]] = dict(self.settled)
+        self.densified: list[str] = []
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.layers = _wrap(state.model, self.record["layers"], self.input_sizes)
+        if self.metric is not None and self.layers:
+            self.budget = sum(_layer_cost(layer, template, (layer.ranks()[0], layer.ranks()[1]), self.metric)
+                              for layer, template in self.layers.values())
+
+    def on_step_start(self, state: TrainState) -> None:
+        if state.step % self.period == 0:  # probe: this step's backward also gives dL/dU for the augmentation
+            for layer, _ in self.layers.values():
+                layer.probe(True)
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.step % self.period == 0:  # augment the bases; Galerkin steps on the core until the cycle ends
+            for layer, _ in self.layers.values():
+                augment(layer, state.optimizer)
+                layer.probe(False)
+        if state.step % self.period == self.period - 1 or state.step == state.total_steps - 1:
+            truncate(self.layers, state.optimizer, tau=self.tau, metric=self.metric, budget=self.budget)
+            self.settled = {name: layer.ranks() for name, (layer, _) in self.layers.items()}
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        """The ranks after the last truncation (an epoch can end mid-cycle, with the bases augmented)."""
+        for name in self.layers:
+            self.trajectory[name].append(list(self.settled[name]))
+        state.history[-1]["ranks"] = sum(sum(r) for r in self.settled.values())
+
+    def on_train_end(self, state: TrainState) -> None:
+        self.final, self.densified = {}, []
+        for name, (layer, template) in self.layers.items():
+            module, ranks = layer.export(template)
+            set_module(state.model, name, module)
+            if ranks is None:
+                self.densified.append(name)
+            else:
+                self.final[name] = ranks
+        self.layers = {}
+
+    def records(self) -> list[dict[str, Any]]:
+        """The tucker record with the trained ranks (the method's record before training)."""
+        return [{**self.record, "layers": {name: list(ranks) for name, ranks in self.final.items()}}]
+
+    def report(self) -> dict[str, Any]:
+        """For the method's report section: ``final_ranks``, the ``trajectory`` of each layer's ``[rank_out,
+        rank_in]`` (at the start, then after each epoch) and the layers ``densified`` (written back dense)."""
+        return {"tucker": {"final_ranks": {name: list(ranks) for name, ranks in self.final.items()},
+                           "trajectory": {name: [list(r) for r in t] for name, t in self.trajectory.items()},
+                           "densified": list(self.densified)}}
+
+
+def _wrap(model: nn.Module, names: Mapping[str, Any],
+          input_sizes: Mapping[str, tuple[int, int]]) -> dict[str, tuple[AdaptiveTuckerConv, nn.Conv2d]]:
+    """Swap each recorded block for an :class:`AdaptiveTuckerConv` (in place); keep a dense conv template, in the
+    block's train/eval mode, for the export."""
+    layers = {}
+    for name in names:
+        block = model.get_submodule(name)
+        core = _part(block, "core")
+        if not isinstance(block, nn.Sequential) or core is None:
+            raise CompressorError(f"{name!r} is not a Tucker-2 block of the compressed model; the record is stale")
+        first, last = cast(nn.Conv2d, block[0]), cast(nn.Conv2d, block[-1])
+        spatial: dict[str, Any] = {"kernel_size": core.kernel_size, "stride": core.stride, "padding": core.padding,
+                                   "dilation": core.dilation, "padding_mode": core.padding_mode}
+        template = nn.Conv2d(first.in_channels, last.out_channels, bias=last.bias is not None, **spatial,
+                             device=core.weight.device, dtype=core.weight.dtype)
+        layer = AdaptiveTuckerConv(block, input_sizes[name])
+        set_module(model, name, layer)
+        layers[name] = (layer, template.train(block.training))
+    return layers
