@@ -19,20 +19,21 @@ so that each one keeps what the already pruned layer above it reads:
    and remove it for good unless one is more than ``x`` confident that the loss rose above the reference (the fit
    on all channels). Candidates are tested in blocks that are bisected only when they fail; the block size adapts
    (doubles after a block that was removed whole, halves after one that was kept whole).
-4. **Confidence and target.** ``x`` sets how aggressive pruning is. With ``mipp_confidence`` unset it is searched
+4. **Confidence and target.** ``x`` sets how aggressive pruning is. With ``confidence`` unset it is searched
    (on the equivalent t threshold, in log space) so that the keep counts remove ``--target`` of the metric within
-   ±0.02; where no ``x`` can (the floors, or a step in the removed fraction), the ``x`` that removes the most without
-   passing the target is kept and a per-group cap ``ceil(ρ C)`` is bisected on top, met by greedy backward
-   elimination (smallest loss increase first). ``round_to`` alignment (best effort, as for the other methods) rounds
-   each keep count to the nearest multiple inside the pass, by greedy elimination or by re-adding the last removed
-   channels, so that the groups below predict what is really kept.
+   ±0.02; where no ``x`` can (the floors), the ``x`` that removes the most without passing the target is kept and
+   a per-group cap ``ceil(ρ C)`` is bisected on top, met by greedy backward elimination (smallest loss increase
+   first). ``--round-to`` alignment rounds each keep count to the nearest multiple inside the pass, by greedy
+   elimination or by re-adding the last removed channels, so that the groups below predict what is really kept;
+   where aligned counts step over the target, the budget policy of :mod:`compressor.pruning.budget` halves the
+   alignment (8, 4, 2, 1) with the coarser counts under the target as a ceiling, as for every pruning method.
 
-**Estimators** (``mipp_estimator``; maths in :mod:`compressor.scoring.predictor`):
+**Estimators** (``estimator``; maths in :mod:`compressor.scoring.predictor`):
 
 * ``predictor`` (default): a linear predictor with the geometry of layer ``l+1`` (a ``k×k`` conv with its stride,
   padding and dilation, plus a bias) from ``[Z, X_l]`` to the post-nonlinearity ``X_{l+1}``, fitted by ridge least
-  squares on ``mipp_repeats - 1`` folds of the calibration images and scored by the held-out fraction of variance
-  unexplained on the last, at ``mipp_positions`` random positions per image. Why linear and not the conv followed
+  squares on ``repeats - 1`` folds of the calibration images and scored by the held-out fraction of variance
+  unexplained on the last, at ``positions`` random positions per image. Why linear and not the conv followed
   by the layer's nonlinearity: a predictor that can represent layer ``l+1`` exactly (warm-started from its own
   weights) reaches zero loss, so every channel with a non-zero weight would raise the loss with certainty and the
   test would only ever remove dead and duplicated channels. Fitting the linear part of the post-nonlinearity map
@@ -43,7 +44,7 @@ so that each one keeps what the already pruned layer above it reads:
   pooling before the fit discards the spatial pattern that a ``k×k`` consumer reads, and the MLP's re-fits are
   neither exact nor cheap. The ``K`` held-out differences give Nadeau and Bengio's corrected t statistic.
 * ``renyi``: matrix-based Rényi ``I_2(X_S; X_{l+1} | Z)`` between the geometric joints of the channels' Gram
-  matrices (maps average-pooled to ``mipp_pool``, as in ``--method cmi``); repeats are the ``K``
+  matrices (maps average-pooled to ``pool``, as in ``--method cmi``); repeats are the ``K``
   delete-one-fold subsamples of the images, with the jackknife t statistic. Cheaper per search pass, blind to
   spatial layout; measured on ResNet-20/56 (``benchmarks/mipp_scoring.py``) it needed more passes to meet the target
   and kept less accuracy than ``predictor``, so it is not the default.
@@ -58,7 +59,6 @@ in float64 on ``ctx.device``. This module holds the options, the per-layer estim
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,109 +67,48 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..pruning.scorers import Scorer, ScoringContext, ScoringResult, register_scorer
+from ..options import option
 from ..scoring import predictor as pr
 from ..scoring.mutual_info import kernel_width, pairwise_sq_dists
-from . import reject_unknown_options
 from .cmi import find_taps
 from .mipp_capture import Moments, Problem, capture, find_problems
-from .mipp_search import _confidence, _Decision, search
+from .mipp_search import Decision, Found, LayerTest, SearchPlan, confidence_of, search
+from .prune import PruneMethod, Scores, ScoringContext
+
+__all__ = ["MIPP", "MIPPOptions", "RIDGE", "processing_order"]
 
 ESTIMATORS = ("predictor", "renyi")
-OPTION_KEYS = ("mipp_estimator", "mipp_confidence", "mipp_repeats", "mipp_positions", "mipp_block", "mipp_pool")
-RUN_KEYS = ("min_keep", "round_to")
 #: Ridge penalty relative to the mean diagonal of the design's Gram (numerical safety, not a prior).
 RIDGE = 1e-3
 
 
 @dataclass(frozen=True)
 class MIPPOptions:
-    """Validated options of the ``mipp`` scorer (``method_options`` keys ``mipp_*``)."""
+    """Options of ``--method mipp`` (flags ``--mipp-*``). The per-group floor and the channel alignment are the
+    run's ``--min-keep`` and ``--round-to``."""
 
-    estimator: str = "predictor"
-    confidence: float | None = None
-    repeats: int = 5
-    positions: int = 16
-    block: int = 8
-    pool: int = 4
-    min_keep: float = 0.1
-    round_to: int = 1
-
-
-def _integer(options: Mapping[str, Any], key: str, default: int, low: int, hint: str) -> int:
-    value = options.get(key, default)
-    flag = "--" + key.replace("_", "-")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{flag} must be an integer >= {low} ({hint}); got {value!r}") from None
-    if isinstance(value, bool) or number != float(value) or number < low:
-        raise InputError(f"{flag} must be an integer >= {low} ({hint}); got {value!r}")
-    return number
-
-
-def parse_options(options: Mapping[str, Any]) -> MIPPOptions:
-    """Check ``options`` (``mipp_*`` keys plus ``min_keep``/``round_to``) and return them; InputError otherwise.
-
-    A key whose value is ``None`` takes its default (a CLI flag that was not given).
-    """
-    options = {k: v for k, v in options.items() if v is not None}
-    reject_unknown_options("mipp", set(options) - set(RUN_KEYS), OPTION_KEYS)
-    estimator = options.get("mipp_estimator", "predictor")
-    if estimator not in ESTIMATORS:
-        raise InputError(f"--mipp-estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
-    confidence = options.get("mipp_confidence")
-    if confidence is not None:
-        try:
-            confidence = float(confidence)
-        except (TypeError, ValueError):
-            confidence = math.nan
-        if isinstance(options["mipp_confidence"], bool) or not 0.5 <= confidence < 1.0:
-            raise InputError(f"--mipp-confidence must be a number in [0.5, 1), e.g. 0.95 (leave it unset to meet "
-                             f"--target); got {options['mipp_confidence']!r}")
-    return MIPPOptions(
-        estimator=str(estimator), confidence=confidence,
-        repeats=_integer(options, "mipp_repeats", 5, 3, "folds of the loss estimate, e.g. 5"),
-        positions=_integer(options, "mipp_positions", 16, 1, "spatial positions sampled per image, e.g. 16"),
-        block=_integer(options, "mipp_block", 8, 1, "channels tested together before bisecting, e.g. 8"),
-        pool=_integer(options, "mipp_pool", 4, 1, "renyi: maps are pooled to this size, e.g. 4"),
-        min_keep=float(options.get("min_keep", 0.1)), round_to=int(options.get("round_to", 1)),
-    )
+    estimator: str = option("predictor", help="how the information a channel carries to the next layer is "
+                            "measured: predictor (held-out loss of a linear predictor with the next layer's "
+                            "geometry) or renyi (matrix-based Renyi MI: cheaper per pass but blind to spatial "
+                            "layout; on ResNet-20/56 it needed more search passes and kept less accuracy)",
+                            example="renyi", choices=ESTIMATORS)
+    confidence: float | None = option(None, help="keep a channel only if removing it raises the loss with more "
+                                      "than this confidence, in [0.5, 1); unset, it is searched to meet --target",
+                                      example="0.95", low=0.5, high=1.0, high_open=True)
+    repeats: int = option(5, help="repeats (folds) of the loss estimate behind each decision, at least 3",
+                          example="7", low=3)
+    positions: int = option(16, help="predictor: spatial positions sampled per image for each fit (more: finer "
+                            "tests, slower capture)", example="32", low=1)
+    block: int = option(8, help="channels tested together before a failing block is bisected (the size then "
+                        "adapts: doubled after a block removed whole, halved after one kept whole)", example="4",
+                        low=1)
+    pool: int = option(4, help="renyi: average-pool maps to this size before the kernels", example="2", low=1)
 
 
 # ------------------------------------------------------------------------------------------------ estimators
 
 
-class _Layer:
-    """The measure of one group during one pass: per problem (consumer) the reference, and the loss increase of
-    masking ``removed ∪ J``, as ``K`` paired values; per channel its information alone.
-
-    A group's channels are decided once for all its consumers, and a channel is needed when any consumer needs it,
-    so the test statistic of a set is the largest of its per-consumer t statistics (:meth:`t`): pooling the
-    consumers' losses instead would let one noisy consumer (the classifier's 256 image-level rows) drown the
-    evidence of the precise ones.
-    """
-
-    channels: int
-    tests: int = 0
-
-    def reference(self) -> torch.Tensor:  # (P, K) per problem
-        raise NotImplementedError
-
-    def solo(self) -> torch.Tensor:  # (C,) information of each channel alone, higher = more
-        raise NotImplementedError
-
-    def delta(self, sets: torch.Tensor) -> torch.Tensor:  # (B, j) channel sets -> (B, P, K) loss increase
-        raise NotImplementedError
-
-    def remove(self, channels: Sequence[int]) -> None:
-        raise NotImplementedError
-
-    def t(self, deltas: torch.Tensor) -> torch.Tensor:  # (B, P, K) -> (B,) the largest per-problem t
-        raise NotImplementedError
-
-
-class _PredictorLayer(_Layer):
+class _PredictorLayer(LayerTest):
     """Cross-fitted ridge predictors of all problems of one group (see :mod:`compressor.scoring.predictor`)."""
 
     def __init__(self, probs: Sequence[Problem], grams: Sequence[torch.Tensor], kept: Mapping[str, torch.Tensor],
@@ -225,7 +164,7 @@ def _kept_positions(written: torch.Tensor, kept: torch.Tensor | None) -> torch.T
     return torch.nonzero(torch.isin(written, kept.cpu())).flatten()
 
 
-class _RenyiLayer(_Layer):
+class _RenyiLayer(LayerTest):
     """Matrix-based Rényi ``I_2(X_S; X_{l+1} | Z)`` summed over the group's problems, on the ``K`` delete-one-fold
     subsamples of the images (jackknife); see :func:`~compressor.scoring.predictor.renyi_weights`.
 
@@ -314,7 +253,7 @@ class _Plan:
     channels: dict[str, int]
     widths: dict = field(default_factory=dict)
 
-    def layer(self, root: str, kept: Mapping[str, torch.Tensor]) -> _Layer:
+    def layer(self, root: str, kept: Mapping[str, torch.Tensor]) -> LayerTest:
         probs = self.problems[root]
         if self.opts.estimator == "renyi":
             maps = [self.moments.pooled[(root, i)] for i in range(len(probs))]
@@ -330,23 +269,19 @@ def processing_order(problems: Mapping[str, list[Problem]], order: Mapping[tuple
     return sorted(problems, key=lambda r: (-last[r], r))
 
 
-@register_scorer
-class MIPPScorer(Scorer):
+class MIPP(PruneMethod):
     """Mutual-information-preserving pruning (Westphal et al. 2024): each layer keeps what the next layer needs,
-    from the outputs back; see the module docstring.
-
-    Options (``method_options``): ``mipp_estimator`` (``predictor``/``renyi``), ``mipp_confidence`` (``x`` in
-    [0.5, 1); unset: searched to meet ``--target``), ``mipp_repeats`` (folds of the loss estimate, 5),
-    ``mipp_positions`` (positions sampled per image, 16), ``mipp_block`` (channels tested together, 8),
-    ``mipp_pool`` (renyi: maps pooled to this size, 4); ``ctx.options`` may carry ``min_keep`` and ``round_to``.
+    from the outputs back; see the module docstring. Options: :class:`MIPPOptions`; floors, alignment and the
+    target come from the :class:`~compressor.methods.prune.ScoringContext`.
     """
 
     name = "mipp"
+    summary = "mutual-information-preserving pruning, outputs to inputs (Westphal et al. 2024)"
     requires_data = True
-    description = "mutual-information-preserving pruning, outputs to inputs (Westphal et al. 2024)"
+    Options = MIPPOptions
 
-    def score(self, ctx: ScoringContext) -> ScoringResult:
-        opts = parse_options({**self.options, **ctx.options})
+    def score(self, ctx: ScoringContext) -> Scores:
+        opts: MIPPOptions = self.options
         if ctx.calib is None:
             raise InputError("--method mipp needs calibration data; pass --data")
         start = time.perf_counter()
@@ -356,28 +291,36 @@ class MIPPScorer(Scorer):
         captured = time.perf_counter()
         channels = {g.root: g.channels for g in ctx.groups}
         plan = _Plan(ctx, opts, problems, moments, processing_order(problems, order), channels)
-        found = search(plan)
+        found = search(SearchPlan(plan.order, channels, plan.layer, ctx.min_keep, opts.block), ctx,
+                       confidence=opts.confidence, dof=opts.repeats - 1)
         done = time.perf_counter()
-        result = found.result
-        dof = opts.repeats - 1
-        info = {
-            "estimator": opts.estimator, "confidence": _confidence(found.t_star, dof),
-            "t_threshold": round(found.t_star, 4), "search": found.mode, "passes": found.passes,
-            "cap": round(found.cap, 4), "achieved": round(result.achieved, 4), "repeats": opts.repeats,
-            "positions": opts.positions if opts.estimator == "predictor" else None,
-            "pool": opts.pool if opts.estimator == "renyi" else None, "samples": int(moments.folds.numel()),
-            "cache_mb": round(moments.nbytes() / 2**20, 1),
-            "aligned": found.round_to == opts.round_to,
-            "order": list(plan.order),
-            "seconds": {"capture": round(captured - start, 3), "search": round(done - captured, 3),
-                        "total": round(done - start, 3)},
-            "keep": {r: int(result.keep[r]) for r in plan.order},
-            "layers": [_layer_info(plan, r, result.decisions[r]) for r in plan.order],
-        }
-        return ScoringResult(result.scores, keep=dict(result.keep), info={"mipp": info})
+        seconds = {"capture": round(captured - start, 3), "search": round(done - captured, 3),
+                   "total": round(done - start, 3)}
+        return Scores(found.result.scores, keep=dict(found.result.keep),
+                      report=_report(plan, found, moments, seconds))
 
 
-def _layer_info(plan: _Plan, root: str, d: _Decision) -> dict[str, Any]:
+def _report(plan: _Plan, found: Found, moments: Moments, seconds: dict[str, float]) -> dict[str, Any]:
+    """The report section: what was searched and chosen, per group and in total."""
+    opts, result = plan.opts, found.result
+    aligned = (found.allocation.aligned if found.allocation is not None else
+               all(k % plan.ctx.round_to == 0 or k == plan.channels[r] for r, k in result.keep.items()))
+    report = {
+        "estimator": opts.estimator, "confidence": confidence_of(found.t_star, opts.repeats - 1),
+        "t_threshold": round(found.t_star, 4), "search": found.mode, "passes": found.passes,
+        "cap": round(found.cap, 4), "achieved": round(result.achieved, 4), "repeats": opts.repeats,
+        "positions": opts.positions if opts.estimator == "predictor" else None,
+        "pool": opts.pool if opts.estimator == "renyi" else None, "samples": int(moments.folds.numel()),
+        "cache_mb": round(moments.nbytes() / 2**20, 1), "aligned": aligned, "order": list(plan.order),
+        "seconds": seconds, "keep": {r: int(result.keep[r]) for r in plan.order},
+        "layers": [_layer_info(plan, r, result.decisions[r]) for r in plan.order],
+    }
+    if found.allocation is not None:
+        report["allocation"] = found.allocation.summary()
+    return report
+
+
+def _layer_info(plan: _Plan, root: str, d: Decision) -> dict[str, Any]:
     probs = plan.problems[root]
     return {
         "root": root, "channels": plan.channels[root], "keep": d.keep, "removed_by_test": d.by_test,

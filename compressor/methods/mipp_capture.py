@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +21,29 @@ from torch import nn
 from ..errors import InputError, PruningError
 from ..pruning import engine
 from ..pruning.engine import PruningGroup, full_tp_group
-from . import recording
 from .cmi import Tap, find_taps
+from .hooks import recording
 
-if TYPE_CHECKING:
-    from .mipp import MIPPOptions
+__all__ = ["CHUNK", "CaptureOptions", "Moments", "Problem", "capture", "find_problems"]
 
 #: Images per forward pass of the capture (bounds the memory of the hooked maps).
 CHUNK = 32
+
+
+class CaptureOptions(Protocol):
+    """The options the capture reads (:class:`compressor.methods.mipp.MIPPOptions` has them)."""
+
+    @property
+    def estimator(self) -> str: ...
+
+    @property
+    def repeats(self) -> int: ...
+
+    @property
+    def positions(self) -> int: ...
+
+    @property
+    def pool(self) -> int: ...
 
 
 # ------------------------------------------------------------------------------------------------- problems
@@ -137,7 +152,7 @@ def _resolve(problems: Mapping[str, list[Problem]], order: Mapping[tuple[str, st
             else:  # the written channels of a layer in no group are its own output channels
                 p.target, p.target_idxs = (p.consumer, True), p.written
                 node = graph.module2node[modules[p.consumer]]
-                p.softmax = p.target_root is None and not engine._reaches_prunable(node)
+                p.softmax = p.target_root is None and not engine.reaches_prunable(node)
             if before and p.target_root != p.root:
                 prev = max(before, key=lambda t: order[(t.module, "in")])
                 p.cond, p.cond_idxs = (prev.module, False), tuple(prev.idxs[c] for c in p.written)
@@ -233,7 +248,7 @@ def _pool_maps(t: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def capture(model: nn.Module, problems: Mapping[str, list[Problem]], taps: Mapping[str, Sequence[Tap]],
-            graph: Any, calib: Any, opts: MIPPOptions, *, seed: int) -> tuple[Moments, dict[tuple[str, str], int]]:
+            graph: Any, calib: Any, opts: CaptureOptions, *, seed: int) -> tuple[Moments, dict[tuple[str, str], int]]:
     """Run ``calib`` once (in chunks of :data:`CHUNK` images) and reduce every problem to what its estimator reads;
     also return the execution order of the consumers' ``(name, "in"/"out")`` calls.
 
@@ -247,7 +262,9 @@ def capture(model: nn.Module, problems: Mapping[str, list[Problem]], taps: Mappi
     points = [(name, output) for name in names for output in (False, True)]  # each module's input and output
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    moments, order, folds, seen = Moments(), {}, [], 0
+    moments, seen = Moments(), 0
+    order: dict[tuple[str, str], int] = {}
+    folds: list[torch.Tensor] = []
     k = opts.repeats
     with torch.no_grad():
         for batch in calib:
@@ -283,7 +300,7 @@ def _check_calls(store: Mapping[tuple[str, str], list], names: Sequence[str]) ->
 
 
 def _accumulate(moments: Moments, key: tuple[str, int], p: Problem, store: Mapping, fold: torch.Tensor,
-                opts: MIPPOptions, generator: torch.Generator) -> None:
+                opts: CaptureOptions, generator: torch.Generator) -> None:
     x = _channels(store[(p.x.module, "in")][0], p.x.idxs)
     y = _target_values(p, store[(p.target[0], "out" if p.target[1] else "in")][0])
     z = _channels(store[(p.cond[0], "in")][0], p.cond_idxs) if p.cond is not None else None

@@ -1,32 +1,33 @@
 """Deciding the keep counts of ``--method mipp`` (steps 3 and 4 of :mod:`compressor.methods.mipp`).
 
-Within a group, :func:`_terc` tests channels from the least informative alone to the most, in adaptive blocks
-bisected when they fail, and :func:`_eliminate` removes greedily what a cap or ``round_to`` alignment asks for. One
-pass (:func:`_run_pass`) decides every group from the outputs back at one t threshold and cap; :func:`search` runs
-passes until the keep counts meet ``--target``: on the confidence ``x = F_{K-1}(t)`` (Illinois regula falsi on
-``log t``), else with a bisected per-group cap ``ceil(ρ C)`` on top. Only the interface of the estimators
-(:class:`~compressor.methods.mipp._Layer`) is used here; the plan that builds them is
-:class:`~compressor.methods.mipp._Plan`.
+Within a group, :func:`terc` tests channels from the least informative alone to the most, in adaptive blocks
+bisected when they fail, and :func:`eliminate` removes greedily what a cap or ``round_to`` alignment asks for. One
+pass (:func:`run_pass`) decides every group from the outputs back at one t threshold and cap; :func:`search` runs
+passes until the keep counts meet ``--target``, under the budget policy of :mod:`compressor.pruning.budget` (floors,
+tolerance, alignment halved 8 -> 4 -> 2 -> 1 with the coarser counts as a ceiling, one error wording): at each
+alignment on the confidence ``x = F_{K-1}(t)`` (Illinois regula falsi on ``log t``), then, where no ``x`` lands,
+with a bisected per-group cap ``ceil(ρ C)`` on top. The estimators are reached only through :class:`LayerTest`
+and a :class:`SearchPlan` that builds them, so this module imports nothing else of ``mipp``.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import PruningError
-from ..pruning import engine
-from ..pruning.engine import floor_keep
+from ..pruning import budget, engine
+from ..pruning.budget import TARGET_TOLERANCE, floor_keep
 from ..scoring import predictor as pr
+from .prune import ScoringContext
 
-if TYPE_CHECKING:
-    from .mipp import _Layer, _Plan
+__all__ = ["Decision", "Found", "LayerTest", "Pass", "SearchPlan", "confidence_of", "eliminate", "run_pass",
+           "search", "terc"]
 
 log = logging.getLogger("compressor")
 
@@ -40,11 +41,52 @@ PATIENCE = 6
 MAX_PASSES = 10
 
 
+class LayerTest(abc.ABC):
+    """The measure of one group during one pass: per problem (consumer) the reference, and the loss increase of
+    masking ``removed ∪ J``, as ``K`` paired values; per channel its information alone. Implemented by the
+    estimators of :mod:`compressor.methods.mipp`."""
+
+    channels: int
+    tests: int = 0
+
+    @abc.abstractmethod
+    def reference(self) -> torch.Tensor:
+        """``(P, K)``: the loss (or information) of all present channels, per problem and fold."""
+
+    @abc.abstractmethod
+    def solo(self) -> torch.Tensor:
+        """``(C,)``: information of each channel alone, higher = more."""
+
+    @abc.abstractmethod
+    def delta(self, sets: torch.Tensor) -> torch.Tensor:
+        """``(B, j)`` channel sets -> ``(B, P, K)`` loss increase of masking each set with those removed."""
+
+    @abc.abstractmethod
+    def remove(self, channels: Sequence[int]) -> None:
+        """Mask ``channels`` for good."""
+
+    @abc.abstractmethod
+    def t(self, deltas: torch.Tensor) -> torch.Tensor:
+        """``(B, P, K) -> (B,)``: the largest per-problem t statistic."""
+
+
+@dataclass
+class SearchPlan:
+    """What a pass needs: groups from the outputs back (``order``), their widths, the estimator of a group given the
+    kept channels of the groups already decided (``layer``), the floor fraction and the TERC block size."""
+
+    order: list[str]
+    channels: dict[str, int]
+    layer: Callable[[str, Mapping[str, torch.Tensor]], LayerTest]
+    min_keep: float
+    block: int
+
+
 # ------------------------------------------------------------------------------------------------- one pass
 
 
 @dataclass
-class _Decision:
+class Decision:
     """One group's outcome in one pass: the keep count, how it was reached, the work done."""
 
     keep: int
@@ -55,7 +97,7 @@ class _Decision:
     seconds: float
 
 
-def _terc(layer: _Layer, t_star: float, room: int, block: int) -> list[int]:
+def terc(layer: LayerTest, t_star: float, room: int, block: int) -> list[int]:
     """Transfer-entropy redundancy criterion: candidates from least to most informative alone; a block is removed
     for good when the test is not confident (``t <= t_star``) that masking it with those already removed raises the
     loss; a failing block is bisected. At most ``room`` channels are removed."""
@@ -86,7 +128,7 @@ def _terc(layer: _Layer, t_star: float, room: int, block: int) -> list[int]:
     return removed
 
 
-def _eliminate(layer: _Layer, alive: list[int], count: int) -> list[int]:
+def eliminate(layer: LayerTest, alive: list[int], count: int) -> list[int]:
     """Greedy backward elimination of ``count`` channels: each step removes the one whose masking is least
     significant (smallest t statistic)."""
     out = []
@@ -100,34 +142,38 @@ def _eliminate(layer: _Layer, alive: list[int], count: int) -> list[int]:
 
 
 @dataclass
-class _Pass:
+class Pass:
     keep: dict[str, int]
     scores: dict[str, torch.Tensor]
-    decisions: dict[str, _Decision]
+    decisions: dict[str, Decision]
     achieved: float = math.nan
 
 
-def _run_pass(plan: _Plan, t_star: float, cap: float, round_to: int) -> _Pass:
-    """Decide every group from the outputs back: TERC at ``t_star``, then the cap ``ceil(cap · C)``, floors and
-    alignment; the kept channels of each group become the targets of the groups below."""
+def run_pass(plan: SearchPlan, t_star: float, cap: float, round_to: int,
+             ceiling: Mapping[str, int] | None = None) -> Pass:
+    """Decide every group from the outputs back: TERC at ``t_star``, then the cap ``ceil(cap · C)``, floors,
+    alignment to ``round_to`` and the budget's ``ceiling`` (keep counts of a coarser alignment); the kept channels
+    of each group become the targets of the groups below."""
     kept: dict[str, torch.Tensor] = {}
     keep, scores, decisions = {}, {}, {}
     for root in plan.order:
         began = time.perf_counter()
         c = plan.channels[root]
-        floor = floor_keep(c, min_keep=plan.opts.min_keep, round_to=1)
+        floor = floor_keep(c, min_keep=plan.min_keep, round_to=1)
         layer = plan.layer(root, kept)
         ranked = torch.argsort(layer.solo(), stable=True).tolist()
-        removed = _terc(layer, t_star, c - floor, plan.opts.block)
+        removed = terc(layer, t_star, c - floor, plan.block)
         by_test = len(removed)
         n_keep = max(floor, min(c - by_test, math.ceil(cap * c - 1e-9)))
         if round_to > 1:  # to the nearest multiple, at least the aligned floor
             aligned = min(c, math.floor(n_keep / round_to + 0.5) * round_to)
-            n_keep = max(aligned, floor_keep(c, min_keep=plan.opts.min_keep, round_to=round_to))
+            n_keep = max(aligned, floor_keep(c, min_keep=plan.min_keep, round_to=round_to))
+        if ceiling is not None:
+            n_keep = min(n_keep, ceiling[root])
         if n_keep > c - by_test:  # re-add the last removed
             removed = removed[: c - n_keep]
         alive = [ch for ch in ranked if ch not in set(removed)]
-        removed += _eliminate(layer, alive, len(alive) - n_keep)
+        removed += eliminate(layer, alive, len(alive) - n_keep)
         gone = set(removed)
         order = removed + [ch for ch in ranked if ch not in gone]
         score = torch.empty(c)
@@ -135,98 +181,111 @@ def _run_pass(plan: _Plan, t_star: float, cap: float, round_to: int) -> _Pass:
         kept[root] = torch.as_tensor(sorted(set(range(c)) - gone), dtype=torch.long)
         keep[root], scores[root] = n_keep, score
         reference = [round(float(v), 5) for v in layer.reference().mean(-1)]
-        decisions[root] = _Decision(n_keep, min(by_test, c - n_keep), max(0, c - n_keep - by_test),
+        decisions[root] = Decision(n_keep, min(by_test, c - n_keep), max(0, c - n_keep - by_test),
                                     layer.tests, reference, time.perf_counter() - began)
-    return _Pass(keep, scores, decisions)
+    return Pass(keep, scores, decisions)
 
 
 # ----------------------------------------------------------------------------------------------- the search
 
 
 @dataclass
-class _Search:
-    """The pass whose keep counts are used, with how it was found."""
+class Found:
+    """The pass whose keep counts are used, with how it was found (``allocation`` is None at a fixed confidence)."""
 
-    result: _Pass
+    result: Pass
     t_star: float
     cap: float
     mode: str
     passes: int
-    round_to: int
+    allocation: budget.Allocation | None
 
 
-def _measure(plan: _Plan, total: int) -> Callable[[_Pass], float]:
-    ctx = plan.ctx
+@dataclass
+class _State:
+    """What the search learnt at a coarser alignment: where to start on ``t``, and whether ``t`` alone can reach
+    the target (it cannot when every threshold up to :data:`T_MAX` removes too little; then the cap takes over)."""
 
-    def removed(result: _Pass) -> float:
-        result.achieved = engine.removed_fraction(ctx.model, ctx.example_input, ctx.groups, result.scores,
-                                                  result.keep, metric=ctx.metric, total=total)
-        return result.achieved
-
-    return removed
+    t_start: float
+    t_under: float | None = None
+    confidence_reaches: bool = True
 
 
-def search(plan: _Plan) -> _Search:
-    """Meet ``ctx.target`` with the confidence ``x`` (searched as ``log t``), else with a per-group cap on top.
+def search(plan: SearchPlan, ctx: ScoringContext, *, confidence: float | None, dof: int) -> Found:
+    """Meet ``ctx.target`` with the confidence ``x`` (searched as ``log t``), else with a per-group cap on top, at
+    each alignment of the budget policy. With ``confidence`` set, one pass at that confidence decides (the target
+    is not searched)."""
+    meter = engine.meter(ctx.model, ctx.example_input, ctx.groups, None, metric=ctx.metric)
+    passes: list[Pass] = []
 
-    With ``mipp_confidence`` set, one pass at that confidence decides (the target is not searched).
-    """
-    ctx, opts = plan.ctx, plan.opts
-    dof = opts.repeats - 1
-    measure = _measure(plan, engine.measure(ctx.model, ctx.example_input, ctx.metric))
-    if opts.confidence is not None:
-        t_fixed = pr.confidence_threshold(opts.confidence, dof)
-        result = _run_pass(plan, t_fixed, 1.0, opts.round_to)
-        measure(result)
-        return _Search(result, t_fixed, 1.0, "confidence", 1, opts.round_to)
-    tries: list[tuple[float, float, _Pass]] = []
-    align = opts.round_to
-
-    def attempt(t_star: float, cap: float) -> _Pass:
+    def attempt(t_star: float, cap: float, align: int, ceiling: Mapping[str, int] | None) -> budget.Trial:
         began = time.perf_counter()
-        result = _run_pass(plan, t_star, cap, align)
-        measure(result)
-        tries.append((t_star, cap, result))
-        log.debug("mipp pass %d: t=%.4g (x=%s) cap=%.3f round_to=%d removes %.4f of %s (%.1fs)", len(tries), t_star,
-                  _confidence(t_star, dof), cap, align, result.achieved, ctx.metric, time.perf_counter() - began)
-        return result
+        result = run_pass(plan, t_star, cap, align, ceiling)
+        passes.append(result)
+        trial = meter.trial(result.keep, result.scores, t_threshold=t_star, cap=cap, pass_number=len(passes))
+        result.achieved = trial.achieved
+        log.debug("mipp pass %d: t=%.4g (x=%s) cap=%.3f round_to=%d removes %.4f of %s (%.1fs)", len(passes),
+                  t_star, confidence_of(t_star, dof), cap, align, result.achieved, ctx.metric,
+                  time.perf_counter() - began)
+        return trial
 
-    found = _bisect_t(attempt, ctx.target)
-    if found is None and align > 1:  # alignment best effort, as engine.allocate_uniform
-        align = 1
-        found = _bisect_t(attempt, ctx.target)
-    if found is not None:
-        return _Search(found[1], found[0], 1.0, "confidence", len(tries), align)
-    under = [(t, r) for t, c, r in tries if c == 1.0 and r.achieved <= ctx.target]
-    if not under:
-        least = min(r.achieved for _, _, r in tries)
-        raise PruningError(f"mipp removes {least:.3f} of {ctx.metric} even at confidence 0.5, more than --target "
-                           f"{ctx.target:.2f}: the channels it drops carry no information; raise --target")
-    t_star, _ = max(under, key=lambda tr: tr[1].achieved)
-    found_cap = _bisect_cap(lambda cap: attempt(t_star, cap), ctx.target, opts.min_keep)
-    if found_cap is None:
-        best = min((r for _, _, r in tries), key=lambda r: abs(r.achieved - ctx.target))
-        raise PruningError(f"target {ctx.target:.2f} of {ctx.metric} cannot be met within "
-                           f"±{engine.TARGET_TOLERANCE:.2f} by mipp: the closest is {best.achieved:.3f}; try another "
-                           f"--target or a lower --min-keep")
-    return _Search(found_cap[1], t_star, found_cap[0], "cap", len(tries), align)
+    if confidence is not None:
+        t_fixed = pr.confidence_threshold(confidence, dof)
+        attempt(t_fixed, 1.0, ctx.round_to, None)
+        return Found(passes[0], t_fixed, 1.0, "confidence", 1, None)
+    search_at = _search_at(attempt, ctx.target, ctx.min_keep, _State(T_START))
+    allocation = budget.meet_target(ctx.groups, search_at, meter, target=ctx.target, metric=ctx.metric,
+                                    round_to=ctx.round_to, min_keep=ctx.min_keep)
+    params = allocation.params
+    mode = "confidence" if params["cap"] == 1.0 else "cap"
+    return Found(passes[params["pass_number"] - 1], params["t_threshold"], params["cap"], mode, len(passes),
+                 allocation)
 
 
-def _bisect_t(attempt: Callable[[float, float], _Pass], target: float) -> tuple[float, _Pass] | None:
-    """Find the t threshold (the removed fraction grows with it): from :data:`T_START`, step by factors of 4 until
-    the target is bracketed (within ``[T_MIN, T_MAX]``), then Illinois regula falsi on ``log t``. Returns the closest
-    pass within ``engine.TARGET_TOLERANCE``, or None."""
-    seen: list[tuple[float, _Pass]] = []
+def _search_at(attempt: Callable[[float, float, int, Mapping[str, int] | None], budget.Trial], target: float,
+               min_keep: float, state: _State) -> budget.SearchAt:
+    """mipp's search at one alignment: on ``t`` (unless a coarser alignment showed that ``t`` cannot reach the
+    target); where no ``t`` lands and the target lies above a pass at some ``t``, on the cap at that ``t``. A target
+    bracketed by ``t`` but missed (a step in the removed fraction) is left to a finer alignment, down to 1."""
 
-    def run(t: float) -> float:
-        seen.append((t, attempt(t, 1.0)))
-        return seen[-1][1].achieved - target
+    def search_at(align: int, ceiling: Mapping[str, int] | None) -> list[budget.Trial]:
+        trials: list[budget.Trial] = []
+        if state.confidence_reaches:
+            trials = search_confidence(lambda t: attempt(t, 1.0, align, ceiling), target, start=state.t_start)
+            best = budget.closest(trials, target)
+            if abs(best.achieved - target) <= TARGET_TOLERANCE:
+                return trials
+            state.t_start = best.params["t_threshold"]  # a finer alignment starts where this one came closest
+            under = [t for t in trials if t.achieved <= target]
+            if not under:  # too much removed even at the lowest confidence: the cap cannot help
+                return trials
+            state.t_under = max(under, key=lambda t: t.achieved).params["t_threshold"]
+            state.confidence_reaches = len(under) < len(trials)
+            if state.confidence_reaches and align > 1:
+                return trials
+        t_under = state.t_under if state.t_under is not None else T_MAX
+        trials += budget.bisect(lambda cap: attempt(t_under, cap, align, ceiling), target, min_keep, 1.0,
+                                iterations=MAX_PASSES, stop=SEARCH_TOL)
+        return trials
 
-    t, f = T_START, run(T_START)
+    return search_at
+
+
+def search_confidence(run: Callable[[float], budget.Trial], target: float, *, start: float) -> list[budget.Trial]:
+    """Passes on the t threshold (the removed fraction grows with it): from ``start``, step by factors of 4 until
+    the target is bracketed (within ``[T_MIN, T_MAX]``), then Illinois regula falsi on ``log t``. Returns every
+    pass in order (``params["t_threshold"]``)."""
+    seen: list[budget.Trial] = []
+
+    def value(t: float) -> float:
+        seen.append(run(t))
+        return seen[-1].achieved - target
+
+    t, f = start, value(start)
     lo: list[float] | None = None  # [log t, f] with f < 0
     hi: list[float] | None = None  # [log t, f] with f > 0
     last = 0
-    while abs(f) > (SEARCH_TOL if len(seen) < PATIENCE else engine.TARGET_TOLERANCE) and len(seen) < MAX_PASSES:
+    while abs(f) > (SEARCH_TOL if len(seen) < PATIENCE else TARGET_TOLERANCE) and len(seen) < MAX_PASSES:
         side = -1 if f < 0 else 1
         if side < 0:
             lo = [math.log(t), f]
@@ -244,28 +303,11 @@ def _bisect_t(attempt: Callable[[float, float], _Pass], target: float) -> tuple[
         else:
             t = min(t * 4, T_MAX) if side < 0 else max(t / 4, T_MIN)
         last = side
-        f = run(t)
-    t_star, best = min(seen, key=lambda tr: abs(tr[1].achieved - target))
-    return (t_star, best) if abs(best.achieved - target) <= engine.TARGET_TOLERANCE else None
+        f = value(t)
+    return seen
 
 
-def _bisect_cap(attempt: Callable[[float], _Pass], target: float, min_keep: float
-                ) -> tuple[float, _Pass] | None:
-    """Bisection on the cap fraction ``ρ`` (the removed fraction falls as ``ρ`` grows)."""
-    lo, hi = min_keep, 1.0
-    seen = []
-    for _ in range(MAX_PASSES):
-        mid = (lo + hi) / 2
-        result = attempt(mid)
-        seen.append((mid, result))
-        if abs(result.achieved - target) <= SEARCH_TOL:
-            break
-        lo, hi = (mid, hi) if result.achieved > target else (lo, mid)
-    cap, best = min(seen, key=lambda cr: abs(cr[1].achieved - target))
-    return (cap, best) if abs(best.achieved - target) <= engine.TARGET_TOLERANCE else None
-
-
-def _confidence(t_star: float, dof: int) -> float:
+def confidence_of(t_star: float, dof: int) -> float:
     """``x = F_{dof}(t)``, rounded to the digits that differ from 1 (``1 - 1e-9`` stays distinguishable)."""
     x = pr.student_t_cdf(t_star, dof)
     if x >= 1.0:

@@ -1,8 +1,10 @@
-"""Structured pruning engine: groups, keep-count allocation, physical channel removal, validation.
+"""Structured pruning engine: groups, measurement of allocations, physical channel removal, validation.
 
-The engine owns *how many* channels each group keeps and removes them with torch-pruning's ``DependencyGraph``;
-scorers (:mod:`compressor.pruning.scorers`) decide *which* channels. A group is the set of layers whose channels must
-change together (a residual stream, a conv and its BN and consumers, a depthwise conv and its producer, a concat).
+The engine finds the groups and removes channels with torch-pruning's ``DependencyGraph``; pruning methods
+(:class:`compressor.methods.prune.PruneMethod`) decide *which* channels, and the budget search
+(:mod:`compressor.pruning.budget`) *how many* per group, measuring candidate allocations with :func:`meter`.
+A group is the set of layers whose channels must change together (a residual stream, a conv and its BN and
+consumers, a depthwise conv and its producer, a concat).
 
 Target convention: ``target`` is the fraction *removed*, of one metric:
 
@@ -14,10 +16,9 @@ Target convention: ``target`` is the fraction *removed*, of one metric:
 from __future__ import annotations
 
 import copy
-import heapq
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -25,10 +26,17 @@ from torch import nn
 
 from ..errors import InputError, PruningError
 from ..metrics import count_filters, count_macs, count_params
+from . import budget
+from .budget import TARGET_TOLERANCE, floor_keep
 from .shortcut import customized_pruners
 
+__all__ = [
+    "METRICS", "TARGET_TOLERANCE", "PruningGroup", "allocate_uniform", "apply_keep", "build_graph",
+    "discover_groups", "floor_keep", "full_tp_group", "measure", "meter", "reaches_prunable", "removed_fraction",
+    "uniform_keep",
+]
+
 METRICS = ("filters", "params", "macs")
-TARGET_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -63,14 +71,14 @@ def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyG
 
 def _output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     """Conv/Linear layers that produce the model's output (classifier outputs are never pruned)."""
-    layers = []
+    layers: list[nn.Module] = []
     for module, node in graph.module2node.items():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and not _reaches_prunable(node):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not reaches_prunable(node):
             layers.append(module)
     return layers
 
 
-def _reaches_prunable(node: object) -> bool:
+def reaches_prunable(node: Any) -> bool:
     """True when a Conv/Linear lies downstream of ``node`` (so its outputs are not the model's output)."""
     stack, seen = list(node.outputs), set()
     while stack:
@@ -107,7 +115,8 @@ def discover_groups(
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
         root = group[0].dep.target.module
-        outs, ins = [], []
+        outs: list[str] = []
+        ins: list[str] = []
         for dep, _ in group:
             module = dep.target.module
             if not isinstance(module, (nn.Conv2d, nn.Linear)) or module not in names:
@@ -126,16 +135,6 @@ def full_tp_group(model: nn.Module, graph: tp.DependencyGraph, group: PruningGro
     root = dict(model.named_modules())[group.root]
     fn = graph.get_pruner_of_module(root).prune_out_channels
     return graph.get_pruning_group(root, fn, list(range(group.channels)))
-
-
-def floor_keep(channels: int, *, min_keep: float, round_to: int) -> int:
-    """Fewest channels a group may keep: ``max(1, ceil(min_keep * C))`` rounded up to ``round_to`` (capped at C)."""
-    floor = max(1, math.ceil(min_keep * channels))
-    return min(channels, _round_up(floor, round_to))
-
-
-def _round_up(n: int, k: int) -> int:
-    return n if k <= 1 else int(math.ceil(n / k) * k)
 
 
 def uniform_keep(
@@ -179,7 +178,8 @@ def apply_keep(
                 check(model)
         except Exception as exc:  # noqa: BLE001 - any failure here means this group is not safely prunable
             raise PruningError(
-                f"pruning the group rooted at layer {g.root!r} (also {', '.join(g.out_layers[1:3]) or 'no other layer'})"
+                f"pruning the group rooted at layer {g.root!r} "
+                f"(also {', '.join(g.out_layers[1:3]) or 'no other layer'})"
                 f" breaks the model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''});"
                 f" exclude it with --ignore-layer {g.root}"
             ) from exc
@@ -217,41 +217,27 @@ def removed_fraction(
     return 1.0 - measure(pruned, example_input, metric) / total
 
 
-@dataclass(frozen=True)
-class Allocation:
-    """Keep counts per group and the fraction of the metric they remove."""
+def meter(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    groups: Sequence[PruningGroup],
+    scores: Mapping[str, torch.Tensor] | None,
+    *,
+    metric: str,
+) -> budget.Meter:
+    """A :class:`~compressor.pruning.budget.Meter` of ``metric`` for ``model``: :func:`removed_fraction` of an
+    allocation, with ``scores`` (or the scores passed with the allocation) choosing the channels removed."""
+    if metric not in METRICS:
+        raise InputError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
+    total = measure(model, example_input, metric)
 
-    keep: dict[str, int]
-    achieved: float
-    ratio: float  # fraction of the removal schedule taken
+    def fraction(keep: Mapping[str, int], given: Mapping[str, torch.Tensor] | None) -> float:
+        chosen = given if given is not None else scores
+        if chosen is None:
+            chosen = {g.root: torch.arange(g.channels, 0, -1, dtype=torch.float32) for g in groups}
+        return removed_fraction(model, example_input, groups, chosen, keep, metric=metric, total=total)
 
-
-def removal_schedule(
-    groups: Sequence[PruningGroup], *, min_keep: float, round_to: int, start: Mapping[str, int] | None = None
-) -> list[tuple[str, int]]:
-    """Order in which blocks of ``round_to`` channels are removed so that groups shrink at the same relative pace.
-
-    Each step takes one block from the group that keeps the largest fraction of its channels (ties: the wider
-    group, then graph order), never going below the group's floor. Keep counts stay multiples of ``round_to``
-    (after the first step of a group whose width is not one). ``start`` gives keep counts to continue from.
-    Returns ``(group root, keep after the step)``.
-    """
-    start = start or {}
-    heap = []
-    for i, g in enumerate(groups):
-        keep = int(start.get(g.root, g.channels))
-        heap.append((-keep / g.channels, -g.channels, i, g.root, keep))
-    heapq.heapify(heap)
-    floors = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=round_to) for g in groups}
-    steps = []
-    while heap:
-        _, neg_c, i, root, keep = heapq.heappop(heap)
-        new = (keep - 1) // round_to * round_to if round_to > 1 else keep - 1
-        if new < floors[root] or new <= 0:
-            continue
-        steps.append((root, new))
-        heapq.heappush(heap, (-new / -neg_c, neg_c, i, root, new))
-    return steps
+    return budget.Meter([g.root for g in groups], fraction)
 
 
 def allocate_uniform(
@@ -264,70 +250,14 @@ def allocate_uniform(
     metric: str,
     min_keep: float,
     round_to: int,
-) -> Allocation:
+) -> budget.Allocation:
     """Keep counts, shrinking all groups at the same relative pace, that remove ``target`` of ``metric``.
 
-    Walks :func:`removal_schedule` in blocks of ``round_to`` and bisects on the number of steps (the removed
-    fraction grows with it). Alignment is best effort, the target is not: when aligned blocks are too coarse to land
-    within ±2 points, the walk continues from the last prefix below the target with half the alignment, down to one
-    channel at a time, so a few groups end less aligned (the report's keep counts show which).
+    Walks :func:`~compressor.pruning.budget.removal_schedule` in blocks of ``round_to`` and bisects on the number of
+    steps (the removed fraction grows with it), under the policy of :mod:`compressor.pruning.budget`: when aligned
+    blocks are too coarse to land within ±2 points, the walk continues from the last prefix under the target with
+    half the alignment (8, 4, 2, 1), so only a few groups end less aligned (``Allocation.aligned_to`` says which).
     """
-    if metric not in METRICS:
-        raise InputError(f"unknown target metric {metric!r}; use one of {', '.join(METRICS)}")
-    total = measure(model, example_input, metric)
-
-    def achieved(keep: Mapping[str, int]) -> float:
-        return removed_fraction(model, example_input, groups, scores, keep, metric=metric, total=total)
-
-    aligned = removal_schedule(groups, min_keep=min_keep, round_to=round_to)
-    best = _walk(groups, aligned, {}, target, achieved)
-    below: dict[str, int] = {}
-    while abs(best.achieved - target) > TARGET_TOLERANCE and round_to > 1:
-        # Too coarse: continue from the last prefix under the target with half the alignment (8, 4, 2, 1), so that
-        # as many channels as possible stay in blocks the runtime handles well.
-        if best.achieved < target:
-            below = best.keep
-        else:
-            below = _walk(groups, aligned, below, target, achieved, below=True).keep
-        round_to //= 2
-        aligned = removal_schedule(groups, min_keep=min_keep, round_to=round_to, start=below)
-        best = _walk(groups, aligned, below, target, achieved)
-    if abs(best.achieved - target) > TARGET_TOLERANCE:
-        floors = {g.root: floor_keep(g.channels, min_keep=min_keep, round_to=1) for g in groups}
-        raise PruningError(
-            f"target {target:.2f} of {metric} is not reachable within ±{TARGET_TOLERANCE:.2f}: the closest is "
-            f"{best.achieved:.3f} and at most {achieved(floors):.3f} can be removed with min_keep={min_keep} "
-            f"({len(groups)} prunable groups); change --target or lower --min-keep"
-        )
-    return best
-
-
-def _walk(
-    groups: Sequence[PruningGroup],
-    steps: Sequence[tuple[str, int]],
-    start: Mapping[str, int],
-    target: float,
-    achieved: Callable[[Mapping[str, int]], float],
-    *,
-    below: bool = False,
-) -> Allocation:
-    """Bisect on the number of ``steps`` taken from ``start``; the closer of the two bracketing prefixes wins
-    (``below=True``: the longest prefix that stays under the target)."""
-
-    def keep_after(n: int) -> dict[str, int]:
-        keep = {g.root: int(start.get(g.root, g.channels)) for g in groups}
-        keep.update(dict(steps[:n]))  # later steps of a group overwrite earlier ones
-        return keep
-
-    lo, hi = 0, len(steps)  # smallest n with achieved(n) >= target, or len(steps)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if achieved(keep_after(mid)) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    options = [max(lo - 1, 0)] if below else sorted({max(lo - 1, 0), lo})
-    scored = [(abs(achieved(keep_after(n)) - target), n) for n in options]
-    _, n = min(scored)
-    keep = keep_after(n)
-    return Allocation(keep, achieved(keep), n / max(len(steps), 1))
+    measured = meter(model, example_input, groups, scores, metric=metric)
+    return budget.allocate_uniform(groups, measured, target=target, metric=metric, min_keep=min_keep,
+                                   round_to=round_to)

@@ -17,7 +17,6 @@ References
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +24,7 @@ import torch
 from .mutual_info import joint_gram, renyi_entropy, score_candidates
 
 __all__ = [
-    "Budget",
     "Selection",
-    "bisect_budget",
     "geometric_joint",
     "greedy_select",
     "keep_at",
@@ -341,34 +338,3 @@ def outward(start: int, count: int) -> list[int]:
     for d in range(1, count):
         seq += [j for j in (start - d, start + d) if 0 <= j < count]
     return seq
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Keep counts per group at budget parameter ``t`` and the fraction of the metric they remove."""
-
-    keep: dict[str, int]
-    t: float
-    achieved: float
-
-
-def bisect_budget(keeps: Callable[[float], dict[str, int]], removed: Callable[[dict[str, int]], float],
-                  target: float) -> tuple[Budget, Budget | None]:
-    """Bisection on the budget parameter ``t ∈ [0, 2]`` of :func:`keep_at` (the removed fraction falls as ``t``
-    grows): the keep counts closest to ``target``, and the closest ones that remove no more than ``target``."""
-    lo, hi = 0.0, 2.0
-    best: Budget | None = None
-    below: Budget | None = None
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        keep = keeps(mid)
-        value = removed(keep)
-        if best is None or abs(value - target) < abs(best.achieved - target):
-            best = Budget(keep, mid, value)
-        if value <= target and (below is None or value > below.achieved):
-            below = Budget(keep, mid, value)
-        if abs(value - target) < 1e-3:
-            break
-        lo, hi = (mid, hi) if value > target else (lo, mid)
-    assert best is not None
-    return best, below

@@ -14,8 +14,9 @@ from compressor.errors import InputError
 from compressor.methods import cmi
 from compressor.metrics import count_params
 from compressor.models import create_model
-from compressor.pruning import engine
-from compressor.pruning.scorers import ScoringContext, get_scorer
+from compressor.methods.base import Budget, MethodContext
+from compressor.methods.prune import ScoringContext
+from compressor.pruning import budget, engine
 from compressor.scoring import selection as sel
 from compressor.scoring.mutual_info import (
     SaturationWarning,
@@ -151,7 +152,7 @@ def test_greedy_steps_by_index_and_squares_score_as_the_copying_steps(
 def test_gram_build_equals_widths_then_batched_grams(width: str | float) -> None:
     """``_Grams`` builds each layer's Grams a chunk of channels at a time, with the widths kernel_width gives."""
     x, _, _ = planted()
-    grams = cmi._Grams({"g": x}, cmi.parse_options({"cmi_kernel_width": width}), torch.device("cpu"))
+    grams = cmi._Grams({"g": x}, cmi.CMI.from_values({"kernel_width": width}).options, torch.device("cpu"))
     g = grams("g")
     sigma = (kernel_width(x, rule=width) if isinstance(width, str)
              else torch.full((12,), float(width), dtype=torch.float64))
@@ -178,7 +179,7 @@ def test_scree_of_an_uninformative_layer_is_zero() -> None:
 
 
 def _context(arch: str = "samplenet", *, n: int = 64, seed: int = 0, target: float = 0.4, metric: str = "params",
-             options: dict | None = None) -> ScoringContext:
+             round_to: int = 1, min_keep: float = 0.1) -> ScoringContext:
     torch.manual_seed(0)
     model = create_model(arch).eval()
     example = torch.zeros(1, 3, 32, 32)
@@ -187,26 +188,36 @@ def _context(arch: str = "samplenet", *, n: int = 64, seed: int = 0, target: flo
     calib = [(torch.randn(32, 3, 32, 32, generator=gen), torch.arange(32) % 10) for _ in range(n // 32)]
     return ScoringContext(model=model, graph=graph, groups=engine.discover_groups(model, graph), example_input=example,
                           target=target, metric=metric, device=torch.device("cpu"), seed=seed, calib=calib,
-                          num_classes=10, options={"min_keep": 0.1, "round_to": 1, **(options or {})})
+                          num_classes=10, round_to=round_to, min_keep=min_keep)
 
 
-def test_scorer_is_registered_and_needs_data() -> None:
-    assert get_scorer("cmi") is cmi.CMIScorer and cmi.CMIScorer.requires_data
+def _cmi(**options: object) -> cmi.CMI:
+    """The method with ``options`` (names without the ``cmi_`` prefix), validated as the CLI does."""
+    return cmi.CMI.from_values(options)
+
+
+def test_method_declares_its_protocol() -> None:
+    assert cmi.CMI.name == "cmi" and cmi.CMI.requires_data and cmi.CMI.Options is cmi.CMIOptions
+    flags = {spec.flag: spec for spec in cmi.CMI.option_specs()}
+    assert set(flags) == {"--cmi-alpha", "--cmi-condition", "--cmi-cutoff", "--cmi-direction",
+                          "--cmi-kernel-width", "--cmi-pool"}
+    assert all(spec.help and spec.example for spec in flags.values())
+    assert not hasattr(cmi.CMIOptions(), "min_keep") and not hasattr(cmi.CMIOptions(), "round_to")
 
 
 @pytest.mark.parametrize(("arch", "streams"), [("samplenet", {"res.conv2": "down.0", "res2.conv2": "classifier"}),
                                                ("resnet20", {"conv1": "layer2.0.conv1", "layer3.0.conv2": "linear"})])
 def test_coupled_channels_are_one_variable_read_after_the_add(arch: str, streams: dict) -> None:
-    ctx = _context(arch, options={"cmi_cutoff": "scree"})
-    result = cmi.CMIScorer().score(ctx)
-    layers = {row["root"]: row for row in result.info["cmi"]["layers"]}
+    ctx = _context(arch)
+    result = _cmi(cutoff="scree").score(ctx)
+    layers = {row["root"]: row for row in result.report["layers"]}
     assert set(layers) == {g.root for g in ctx.groups} and len(result.scores) == len(ctx.groups)
     for root, consumer in streams.items():
         assert layers[root]["tap"] == f"{consumer} (input)"
     for g in ctx.groups:
         assert sorted(result.scores[g.root].tolist()) == list(range(1, g.channels + 1))
-        assert engine.floor_keep(g.channels, min_keep=0.1, round_to=1) <= result.keep[g.root] <= g.channels
-    order = result.info["cmi"]["order"]
+        assert budget.floor_keep(g.channels, min_keep=0.1, round_to=1) <= result.keep[g.root] <= g.channels
+    order = result.report["order"]
     assert order.index("res.conv1" if arch == "samplenet" else "layer1.0.conv1") < order.index(
         "res.conv2" if arch == "samplenet" else "conv1")  # network order, by where each map is read
 
@@ -215,45 +226,44 @@ def test_scoring_leaves_the_model_untouched() -> None:
     ctx = _context()
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
     ctx.model.train()
-    cmi.CMIScorer().score(ctx)
+    cmi.CMI().score(ctx)
     assert ctx.model.training
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in ctx.model.modules())
     assert all(torch.equal(before[k], v) for k, v in ctx.model.state_dict().items())
 
 
 def test_same_seed_same_selection() -> None:
-    options = {"cmi_cutoff": "permutation", "cmi_condition": "compact"}
-    a = cmi.CMIScorer().score(_context(seed=3, options=options))
-    b = cmi.CMIScorer().score(_context(seed=3, options=options))
+    a = _cmi(cutoff="permutation", condition="compact").score(_context(seed=3))
+    b = _cmi(cutoff="permutation", condition="compact").score(_context(seed=3))
     assert a.keep == b.keep
     assert all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
 
 
 def test_saturation_warning_fires_on_a_too_narrow_kernel() -> None:
     with pytest.warns(SaturationWarning, match="nearly the identity"):
-        cmi.CMIScorer().score(_context(options={"cmi_kernel_width": 1e-4, "cmi_pool": 0, "cmi_cutoff": "scree"}))
+        _cmi(kernel_width=1e-4, pool=0, cutoff="scree").score(_context())
 
 
 @pytest.mark.parametrize("options", [
-    {"cmi_alpha": 0}, {"cmi_alpha": "two"}, {"cmi_alpha": float("nan")}, {"cmi_condition": "global"},
-    {"cmi_cutoff": "elbow"}, {"cmi_direction": "backward"}, {"cmi_kernel_width": -1.0},
-    {"cmi_kernel_width": "mean"}, {"cmi_pool": -1}, {"cmi_pool": 1.5}, {"cmi_alpah": 2.0},
+    {"alpha": 0}, {"alpha": "two"}, {"alpha": float("nan")}, {"condition": "global"},
+    {"cutoff": "elbow"}, {"direction": "backward"}, {"kernel_width": -1.0},
+    {"kernel_width": "mean"}, {"pool": -1}, {"pool": 1.5}, {"alpah": 2.0},
 ])
 def test_bad_options_raise_input_error(options: dict) -> None:
-    with pytest.raises(InputError, match="cmi") as info:
-        cmi.CMIScorer(**options).score(_context())
+    with pytest.raises(InputError, match="--cmi-") as info:
+        _cmi(**options)
     assert "\n" not in str(info.value)
 
 
 def test_unknown_option_suggests_the_close_match() -> None:
-    with pytest.raises(InputError, match="did you mean 'cmi_alpha'"):
-        cmi.parse_options({"cmi_alpah": 2})
+    with pytest.raises(InputError, match="did you mean --cmi-alpha"):
+        _cmi(alpah=2)
 
 
 def test_options_defaults_and_coercion() -> None:
-    opts = cmi.parse_options({"cmi_alpha": "1.01", "cmi_pool": "4", "cmi_kernel_width": "0.5", "round_to": 8})
-    assert (opts.alpha, opts.pool, opts.kernel_width, opts.round_to) == (1.01, 4, 0.5, 8)
-    assert cmi.parse_options({}) == cmi.parse_options(dict.fromkeys(cmi.OPTION_KEYS)) == cmi.CMIOptions()
+    opts = _cmi(alpha="1.01", pool="4", kernel_width="0.5").options
+    assert (opts.alpha, opts.pool, opts.kernel_width) == (1.01, 4, 0.5)
+    assert _cmi().options == _cmi(**dict.fromkeys(("alpha", "condition", "pool"))).options == cmi.CMIOptions()
 
 
 def test_outward_visits_every_group_once() -> None:
@@ -263,12 +273,31 @@ def test_outward_visits_every_group_once() -> None:
 
 @pytest.mark.parametrize(("arch", "round_to"), [("samplenet", 8), ("resnet20", 8)])
 def test_alignment_is_best_effort_and_the_target_holds(arch: str, round_to: int) -> None:
-    ctx = _context(arch, target=0.4, metric="filters", options={"round_to": round_to})
-    result = cmi.CMIScorer().score(ctx)
-    allocation = result.info["cmi"]["allocation"]
-    assert abs(allocation["achieved"] - 0.4) <= engine.TARGET_TOLERANCE
+    ctx = _context(arch, target=0.4, metric="filters", round_to=round_to)
+    result = cmi.CMI().score(ctx)
+    allocation = result.report["allocation"]
+    assert abs(allocation["achieved"] - 0.4) <= budget.TARGET_TOLERANCE
     unaligned = [g.root for g in ctx.groups if result.keep[g.root] % round_to and result.keep[g.root] < g.channels]
     assert allocation["aligned"] == (not unaligned)
+    for g in ctx.groups:  # halved alignment (8, 4, 2, 1), never anything else
+        assert allocation["aligned_to"][g.root] == budget.aligned_to(result.keep[g.root], g.channels, round_to)
+
+
+def test_apply_prunes_a_copy_to_the_target() -> None:
+    """The protocol end to end: ``apply`` returns a pruned copy meeting the target, the record and the report."""
+    torch.manual_seed(0)
+    model = create_model("samplenet").eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [(torch.randn(32, 3, 32, 32, generator=gen), torch.arange(32) % 10) for _ in range(2)]
+    ctx = MethodContext(example=torch.zeros(1, 3, 32, 32), num_classes=10, device=torch.device("cpu"), seed=0,
+                        budget=Budget(0.3, "filters", 8, 0.1), original=model, calib=calib)
+    before = count_params(model)
+    result = cmi.CMI().apply(model, ctx)
+    assert count_params(model) == before and count_params(result.model) < before
+    report = result.report["cmi"]
+    assert abs(report["allocation"]["achieved"] - 0.3) <= budget.TARGET_TOLERANCE
+    assert result.records[0]["kind"] == "prune"
+    assert {row["root"]: row["keep"] for row in result.report["groups"]} == report["keep"]
 
 
 # ------------------------------------------------------------------------------------------------- end to end
@@ -318,6 +347,6 @@ def test_hooks_are_removed_when_the_forward_pass_fails() -> None:
     ctx.calib = [(torch.randn(4, 5, 32, 32), torch.zeros(4, dtype=torch.long))]  # wrong channel count
     with pytest.raises(RuntimeError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cmi.CMIScorer().score(ctx)
+        cmi.CMI().score(ctx)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in ctx.model.modules())
     assert isinstance(ctx.model, nn.Module)

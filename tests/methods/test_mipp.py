@@ -17,7 +17,9 @@ from compressor.methods.cmi import find_taps
 from compressor.metrics import count_filters
 from compressor.models import create_model
 from compressor.pruning import engine
-from compressor.pruning.scorers import ScoringContext, get_scorer
+from compressor.methods.baselines import L1
+from compressor.methods.mipp_search import LayerTest
+from compressor.methods.prune import ScoringContext
 from compressor.scoring import predictor as pr
 
 from ..conftest import akamaster, shared_file
@@ -134,14 +136,20 @@ def planted_model(seed: int = 0) -> Planted:
 
 
 def _context(model: nn.Module, *, shape: tuple[int, int, int] = (3, 16, 16), n: int = 128, seed: int = 0,
-             target: float = 0.3, metric: str = "filters", options: dict | None = None) -> ScoringContext:
+             target: float = 0.3, metric: str = "filters", round_to: int = 1, min_keep: float = 0.1
+             ) -> ScoringContext:
     example = torch.zeros(1, *shape)
     graph = engine.build_graph(model, example)
     gen = torch.Generator().manual_seed(1)
     calib = [(torch.randn(64, *shape, generator=gen), torch.arange(64) % 10) for _ in range(n // 64)]
     return ScoringContext(model=model, graph=graph, groups=engine.discover_groups(model, graph),
                           example_input=example, target=target, metric=metric, device=torch.device("cpu"), seed=seed,
-                          calib=calib, num_classes=10, options={"min_keep": 0.1, "round_to": 1, **(options or {})})
+                          calib=calib, num_classes=10, round_to=round_to, min_keep=min_keep)
+
+
+def _mipp(**options: object) -> mipp.MIPP:
+    """The method with ``options`` (names without the ``mipp_`` prefix), validated as the CLI does."""
+    return mipp.MIPP.from_values(options)
 
 
 def _kept(result, root: str) -> set[int]:
@@ -151,12 +159,12 @@ def _kept(result, root: str) -> set[int]:
 
 @pytest.mark.parametrize("confidence", [0.6, 0.95, 0.999])
 def test_planted_duplicates_and_unused_channels_go_needed_ones_stay(confidence: float) -> None:
-    result = mipp.MIPPScorer().score(_context(planted_model(), options={"mipp_confidence": confidence}))
+    result = _mipp(confidence=confidence).score(_context(planted_model()))
     kept = _kept(result, "conv1")
     assert {0, 3} <= kept, kept  # needed by conv2, no copy
     assert not kept & {6, 7}, kept  # never read downstream
     assert len(kept & {1, 4}) == 1 and len(kept & {2, 5}) == 1, kept  # one of each duplicated pair
-    info = result.info["mipp"]
+    info = result.report
     assert info["search"] == "confidence" and info["confidence"] == pytest.approx(confidence, abs=1e-3)
 
 
@@ -167,13 +175,13 @@ def test_planted_layer_statistics() -> None:
     problems = mipp_capture.find_problems(ctx.model, ctx.graph, ctx.groups)
     taps = find_taps(ctx.model, ctx.graph, ctx.groups)
     moments, _ = mipp_capture.capture(ctx.model, problems, taps, ctx.graph, ctx.calib,
-                                      mipp.parse_options({}), seed=0)
+                                      mipp.MIPPOptions(), seed=0)
     layer = mipp._PredictorLayer(problems["conv1"], [moments.grams[("conv1", 0)]], {}, 8, torch.device("cpu"))
     t = layer.t(layer.delta(torch.arange(8)[:, None]))
     assert bool((t[[0, 3]] > 20).all()), t
     assert bool((t[[1, 2, 4, 5, 6, 7]] < 3).all()), t
     moments, _ = mipp_capture.capture(ctx.model, problems, taps, ctx.graph, ctx.calib,
-                                      mipp.parse_options({"mipp_estimator": "renyi"}), seed=0)
+                                      mipp.MIPPOptions(estimator="renyi"), seed=0)
     renyi = mipp._RenyiLayer(problems["conv1"], [moments.pooled[("conv1", 0)]], moments.folds, {}, 8, {},
                              torch.device("cpu"))
     d = renyi.delta(torch.arange(8)[:, None])
@@ -222,21 +230,26 @@ def test_renyi_information_matches_the_matrix_estimator() -> None:
 
 
 def test_scorer_is_registered_and_needs_data() -> None:
-    assert get_scorer("mipp") is mipp.MIPPScorer and mipp.MIPPScorer.requires_data
+    assert mipp.MIPP.name == "mipp" and mipp.MIPP.requires_data and mipp.MIPP.Options is mipp.MIPPOptions
+    flags = {spec.flag: spec for spec in mipp.MIPP.option_specs()}
+    assert set(flags) == {"--mipp-estimator", "--mipp-confidence", "--mipp-repeats", "--mipp-positions",
+                          "--mipp-block", "--mipp-pool"}  # every option has a flag, with help and an example
+    assert all(spec.help and spec.example for spec in flags.values())
+    assert flags["--mipp-confidence"].optional and flags["--mipp-confidence"].default is None
 
 
 def test_groups_are_processed_from_the_outputs_back(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    ctx = _context(create_model("resnet20").eval(), shape=(3, 32, 32), n=64, options={"mipp_confidence": 0.99})
+    ctx = _context(create_model("resnet20").eval(), shape=(3, 32, 32), n=64)
     seen: list[tuple[str, set[str]]] = []
     layer = mipp._Plan.layer
 
-    def spy(self: mipp._Plan, root: str, kept: dict) -> mipp._Layer:
+    def spy(self: mipp._Plan, root: str, kept: dict) -> LayerTest:
         seen.append((root, set(kept)))
         return layer(self, root, kept)
 
     monkeypatch.setattr(mipp._Plan, "layer", spy)
-    info = mipp.MIPPScorer().score(ctx).info["mipp"]
+    info = _mipp(confidence=0.99).score(ctx).report
     order = info["order"]
     assert order[0] == "layer3.0.conv2"  # the stream the classifier reads is the last prunable layer
     assert [r for r, _ in seen] == order and all(kept == set(order[:i]) for i, (_, kept) in enumerate(seen))
@@ -256,7 +269,7 @@ def test_scoring_leaves_the_model_untouched() -> None:
     ctx = _context(planted_model())
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
     ctx.model.train()
-    mipp.MIPPScorer().score(ctx)
+    mipp.MIPP().score(ctx)
     assert ctx.model.training
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in ctx.model.modules())
     assert all(torch.equal(before[k], v) for k, v in ctx.model.state_dict().items())
@@ -271,12 +284,12 @@ def test_scoring_leaves_the_model_untouched() -> None:
 def test_target_is_met_within_tolerance(estimator: str, metric: str, target: float, round_to: int) -> None:
     torch.manual_seed(0)
     ctx = _context(create_model("samplenet").eval(), shape=(3, 32, 32), target=target, metric=metric,
-                   options={"mipp_estimator": estimator, "round_to": round_to})
-    result = mipp.MIPPScorer().score(ctx)
+                   round_to=round_to)
+    result = _mipp(estimator=estimator).score(ctx)
     achieved = engine.removed_fraction(ctx.model, ctx.example_input, ctx.groups, result.scores, result.keep,
                                        metric=metric)
     assert abs(achieved - target) <= engine.TARGET_TOLERANCE
-    info = result.info["mipp"]
+    info = result.report
     assert info["achieved"] == pytest.approx(achieved, abs=1e-4)
     assert 0.5 <= info["confidence"] <= 1.0 and info["passes"] >= 1
     assert info["seconds"]["total"] > 0 and info["samples"] == 128
@@ -288,18 +301,18 @@ def test_target_is_met_within_tolerance(estimator: str, metric: str, target: flo
 
 
 def test_same_seed_same_selection() -> None:
-    runs = [mipp.MIPPScorer().score(_context(planted_model(), seed=3, target=0.4)) for _ in range(2)]
+    runs = [mipp.MIPP().score(_context(planted_model(), seed=3, target=0.4)) for _ in range(2)]
     assert runs[0].keep == runs[1].keep
     assert all(torch.equal(runs[0].scores[k], runs[1].scores[k]) for k in runs[0].scores)
-    assert runs[0].info["mipp"]["t_threshold"] == runs[1].info["mipp"]["t_threshold"]
+    assert runs[0].report["t_threshold"] == runs[1].report["t_threshold"]
 
 
 def test_a_layer_never_drops_to_zero_channels() -> None:
     """At the most aggressive confidence every group stops at its floor (at least one channel)."""
     torch.manual_seed(0)
     ctx = _context(create_model("samplenet").eval(), shape=(3, 32, 32),
-                   options={"mipp_confidence": 1 - 1e-15, "min_keep": 1e-6})
-    result = mipp.MIPPScorer().score(ctx)
+                   min_keep=1e-6)
+    result = _mipp(confidence=1 - 1e-15).score(ctx)
     assert all(k >= 1 for k in result.keep.values()) and min(result.keep.values()) == 1
 
 
@@ -308,8 +321,8 @@ def test_a_cap_meets_a_target_the_confidence_cannot(monkeypatch: pytest.MonkeyPa
     rest of the target, by greedy elimination on top of the test, so conv1 still keeps 0, 3 and one of each pair."""
     monkeypatch.setattr(mipp_search, "T_START", 0.05)
     monkeypatch.setattr(mipp_search, "T_MAX", 0.05)
-    result = mipp.MIPPScorer().score(_context(planted_model(), target=0.5))
-    info = result.info["mipp"]
+    result = mipp.MIPP().score(_context(planted_model(), target=0.5))
+    info = result.report
     assert info["search"] == "cap" and info["cap"] < 1.0 and info["confidence"] == pytest.approx(0.52, abs=0.01)
     assert abs(info["achieved"] - 0.5) <= engine.TARGET_TOLERANCE
     assert sum(row["removed_by_cap"] for row in info["layers"]) > 0
@@ -321,35 +334,35 @@ def test_a_cap_meets_a_target_the_confidence_cannot(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("options", [
-    {"mipp_estimator": "knn"}, {"mipp_confidence": 0.4}, {"mipp_confidence": 1.0}, {"mipp_confidence": "high"},
-    {"mipp_repeats": 2}, {"mipp_repeats": 4.5}, {"mipp_positions": 0}, {"mipp_block": True}, {"mipp_pool": -1},
-    {"mipp_confidance": 0.9},
+    {"estimator": "knn"}, {"confidence": 0.4}, {"confidence": 1.0}, {"confidence": "high"}, {"repeats": 2},
+    {"repeats": 4.5}, {"positions": 0}, {"block": True}, {"block": 0}, {"pool": -1}, {"pool": 0}, {"confidance": 0.9},
 ])
 def test_bad_options_raise_input_error(options: dict) -> None:
-    with pytest.raises(InputError, match="mipp") as info:
-        mipp.MIPPScorer(**options).score(_context(planted_model()))
+    with pytest.raises(InputError, match="--mipp-") as info:
+        _mipp(**options)
     assert "\n" not in str(info.value)
 
 
 def test_unknown_option_suggests_the_close_match() -> None:
-    with pytest.raises(InputError, match="did you mean 'mipp_confidence'"):
-        mipp.parse_options({"mipp_confidance": 0.9})
+    with pytest.raises(InputError, match="did you mean --mipp-confidence"):
+        _mipp(confidance=0.9)
 
 
 def test_options_defaults_and_coercion() -> None:
-    opts = mipp.parse_options({"mipp_confidence": "0.99", "mipp_repeats": "7", "round_to": 8})
-    assert (opts.confidence, opts.repeats, opts.round_to) == (0.99, 7, 8)
-    assert mipp.parse_options({}) == mipp.parse_options(dict.fromkeys(mipp.OPTION_KEYS)) == mipp.MIPPOptions()
+    opts = _mipp(confidence="0.99", repeats="7", positions="32").options
+    assert (opts.confidence, opts.repeats, opts.positions) == (0.99, 7, 32)
+    assert _mipp().options == _mipp(**dict.fromkeys(("estimator", "confidence", "block"))).options == mipp.MIPPOptions()
+    assert not hasattr(opts, "min_keep") and not hasattr(opts, "round_to")  # the run's, from the ScoringContext
 
 
 def test_needs_calibration_data() -> None:
     ctx = _context(planted_model())
     ctx.calib = None
     with pytest.raises(InputError, match="--data"):
-        mipp.MIPPScorer().score(ctx)
+        mipp.MIPP().score(ctx)
     ctx.calib = [(torch.randn(6, 3, 16, 16), torch.zeros(6, dtype=torch.long))]
     with pytest.raises(InputError, match="at least 10 calibration images"):
-        mipp.MIPPScorer().score(ctx)
+        mipp.MIPP().score(ctx)
 
 
 # ------------------------------------------------------------------------------------------------- end to end
@@ -400,8 +413,8 @@ def test_real_resnet20_keeps_more_accuracy_than_l1() -> None:
     for method in ("l1", "mipp"):
         ctx = ScoringContext(model=model, graph=graph, groups=groups, example_input=example, target=0.33,
                              metric="filters", device=torch.device("cpu"), calib=calib, num_classes=10,
-                             options={"min_keep": 0.1, "round_to": 1})
-        scored = get_scorer(method)().score(ctx)
+                             round_to=1, min_keep=0.1)
+        scored = {"l1": L1, "mipp": mipp.MIPP}[method]().score(ctx)
         keep = scored.keep or engine.allocate_uniform(model, example, groups, scored.scores, target=0.33,
                                                       metric="filters", min_keep=0.1, round_to=1).keep
         assert abs(engine.removed_fraction(model, example, groups, scored.scores, keep, metric="filters")

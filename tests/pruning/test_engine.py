@@ -10,11 +10,12 @@ import torch_pruning as tp
 from torch import nn
 
 from compressor.errors import InputError, PruningError
+from compressor.methods.baselines import L1
+from compressor.methods.prune import ScoringContext
 from compressor.metrics import count_filters, count_macs, count_params
 from compressor.models import create_model
 from compressor.models.layers import ChannelShortcut
-from compressor.pruning import engine
-from compressor.pruning.scorers import ScoringContext, get_scorer
+from compressor.pruning import budget, engine
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -114,7 +115,7 @@ def test_allocation_meets_target(metric: str) -> None:
     groups = engine.discover_groups(model, graph)
     ctx = ScoringContext(model=model, graph=graph, groups=groups, example_input=X[:1], target=0.4, metric=metric,
                          device=torch.device("cpu"))
-    scores = get_scorer("l1")().score(ctx).scores
+    scores = L1().score(ctx).scores
     alloc = engine.allocate_uniform(model, X[:1], groups, scores, target=0.4, metric=metric, min_keep=0.1, round_to=1)
     pruned = copy.deepcopy(model)
     engine.apply_keep(pruned, engine.build_graph(pruned, X[:1]), groups, scores, alloc.keep)
@@ -203,9 +204,9 @@ def test_aligned_channels_still_meet_the_target(round_to: int) -> None:
     assert max(fractions) - min(fractions) <= round_to / 16 + 1e-9, "groups shrink at the same relative pace"
 
 
-def test_too_coarse_alignment_falls_back_to_single_channels() -> None:
+def test_too_coarse_alignment_halves_to_the_next_alignment() -> None:
     """ResNet-56's 64-channel stream feeds 19 convs: one block of 16 is 15% of all filters, too coarse for ±2 points.
-    The target still holds: aligned blocks first, then single channels."""
+    The target still holds: blocks of 16 first, then blocks of 8 on top (not single channels)."""
     model = _model("resnet56")
     graph = engine.build_graph(model, X[:1])
     groups = engine.discover_groups(model, graph)
@@ -214,7 +215,9 @@ def test_too_coarse_alignment_falls_back_to_single_channels() -> None:
                                     round_to=16)
     assert abs(alloc.achieved - 0.33) <= engine.TARGET_TOLERANCE
     assert any(alloc.keep[g.root] % 16 == 0 and alloc.keep[g.root] < g.channels for g in groups), alloc.keep
-    assert any(alloc.keep[g.root] % 16 for g in groups), "the fallback to single channels was needed here"
+    assert any(alloc.keep[g.root] % 16 for g in groups), "the halving was needed here"
+    assert all(k % 8 == 0 for k in alloc.keep.values()), alloc.keep
+    assert alloc.aligned_to == {g.root: budget.aligned_to(alloc.keep[g.root], g.channels, 16) for g in groups}
 
 
 def test_too_coarse_alignment_halves_before_single_channels() -> None:
