@@ -81,6 +81,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("epochs", int, 0, "Fine-tuning epochs (0 = none). E.g. --epochs 2", TUNE),
     Flag("lr", float, 0.01, "Peak learning rate (cosine schedule). E.g. --lr 0.01", TUNE),
     Flag("optimizer", str, "sgd", "sgd or adamw. E.g. --optimizer adamw", TUNE),
+    Flag("weight_decay", float, 5e-4, "Weight decay (L2 for SGD, decoupled for AdamW). E.g. --weight-decay 1e-4",
+         TUNE),
     Flag("batch_size", int, 128, "Fine-tuning/eval batch size. E.g. --batch-size 128", TUNE),
     Flag("distill", bool, False, "Distil from the uncompressed model while fine-tuning.", TUNE, ("--distill",)),
     Flag("at_init", bool, False, "Score and prune a randomly re-initialised copy (seeded by --seed), then train the "
@@ -115,7 +117,8 @@ def _method_parameters() -> list[inspect.Parameter]:
     params = []
     for cls in [REGISTRY.get(n) for n in REGISTRY.names()] + [Chain]:
         for spec in cls.option_specs():
-            option = typer.Option(spec.flag, help=spec.describe(), rich_help_panel=f"{cls.name} options",
+            option = typer.Option(spec.flag, help=spec.describe().replace("[", "\\["),  # rich markup escape
+                                  rich_help_panel=f"{cls.name} options",
                                   show_default=False)
             params.append(_parameter(f"{cls.name}_{spec.name}", _KINDS[spec.kind], None, option))
     for old, new in LEGACY.items():

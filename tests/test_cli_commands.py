@@ -20,7 +20,7 @@ EVERY_CLASS = [REGISTRY.get(n) for n in REGISTRY.names()] + [Chain]
 def _help() -> str:
     result = RUNNER.invoke(cli.app, ["--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    return " ".join(result.output.split())
+    return " ".join(result.output.replace("│", " ").split())  # help panels wrap lines inside box borders
 
 
 def test_help_lists_every_registered_method() -> None:
@@ -36,6 +36,8 @@ def test_every_method_option_has_a_prefixed_flag_in_help() -> None:
         for spec in cls.option_specs():
             assert spec.flag.startswith(f"--{cls.name}-") and spec.flag in text, spec.flag
             assert spec.help and spec.example is not None, f"{spec.flag} needs help text and an example"
+            default = "unset" if spec.default is None else spec.default
+            assert f"{spec.flag} " in text and f"[default: {default}]" in text
 
 
 def test_run_flags_match_the_config_fields() -> None:
