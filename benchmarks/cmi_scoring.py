@@ -459,12 +459,11 @@ def run_grid(measure: Callable[[dict[str, Any]], dict[str, Any]], device: torch.
 
 def resnet56_context(model_path: Path, data_path: Path, samples: int) -> Any:
     """The scoring context ``compress(model, data=..., method="cmi", normalize="imagenet")`` builds, at defaults."""
-    import compressor.methods.cmi  # noqa: F401  (registers the scorer)
     from compressor import data as data_mod
     from compressor.config import CompressConfig
     from compressor.io import load_model
+    from compressor.methods.prune import ScoringContext
     from compressor.pruning import engine
-    from compressor.pruning.scorers import ScoringContext
 
     cfg = CompressConfig(method="cmi")
     model = load_model(model_path, arch="resnet56").model.eval()
@@ -476,14 +475,13 @@ def resnet56_context(model_path: Path, data_path: Path, samples: int) -> Any:
     groups = engine.discover_groups(model, graph)
     return ScoringContext(model=model, graph=graph, groups=groups, example_input=example, target=cfg.target,
                           metric="filters", device=torch.device("cpu"), seed=cfg.seed, calib=calib,
-                          num_classes=int(model(example).shape[-1]),
-                          options={"min_keep": cfg.min_keep, "round_to": cfg.round_to})
+                          num_classes=int(model(example).shape[-1]), round_to=cfg.round_to, min_keep=cfg.min_keep)
 
 
 def measure_resnet56(spec: dict[str, Any]) -> dict[str, Any]:
     """Score all ResNet-56 groups with the ``cmi`` scorer ``spec["repeats"]`` times at each thread count in
     ``spec["threads"]`` (rotated); peak RSS of the first scoring call above the RSS before it."""
-    from compressor.pruning.scorers import get_scorer
+    from compressor.methods.cmi import CMI
 
     setup = time.perf_counter()
     ctx = resnet56_context(Path(spec["model"]), Path(spec["data"]), spec["samples"])
@@ -498,7 +496,7 @@ def measure_resnet56(spec: dict[str, Any]) -> dict[str, Any]:
             t = threads[(k + rep) % len(threads)]
             torch.set_num_threads(t)
             start = time.perf_counter()
-            info = get_scorer("cmi")().score(ctx).info["cmi"]
+            info = CMI().score(ctx).report
             runs.append({"threads": t, "seconds": time.perf_counter() - start, "parts": info["seconds"],
                          "groups": len(info["layers"]), "samples": info["samples"]})
             peak = max(_maxrss_mb() - before, 0.0) if peak is None else peak

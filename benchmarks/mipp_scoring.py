@@ -44,7 +44,7 @@ TRAIN, TEST = SHARED / "data/cifar10/train.npz", SHARED / "data/cifar10/test1000
 
 def _recalibrated(model: nn.Module, loader: Any) -> nn.Module:
     """A copy with BatchNorm statistics re-estimated on ``loader`` (the pipeline's ``--bn-recalib``)."""
-    from compressor.finetune import recalibrate_bn
+    from compressor.training import recalibrate_bn
 
     model = copy.deepcopy(model)
     recalibrate_bn(model, loader)
@@ -52,8 +52,8 @@ def _recalibrated(model: nn.Module, loader: Any) -> nn.Module:
 
 
 def _accuracy(model: nn.Module, groups: Any, scores: dict, keep: dict, loaders: dict) -> dict[str, float]:
-    from compressor.finetune import evaluate
     from compressor.pruning import engine
+    from compressor.training import evaluate
 
     example = torch.zeros(1, 3, 32, 32)
     pruned = copy.deepcopy(model)
@@ -67,24 +67,23 @@ def _accuracy(model: nn.Module, groups: Any, scores: dict, keep: dict, loaders: 
 def run_one(arch: str, method: str, estimator: str | None, threads: int, args: argparse.Namespace,
             loaders: dict) -> dict[str, Any]:
     from compressor.io import load_model
-    from compressor.methods import mipp  # noqa: F401 - registers --method mipp
+    from compressor.methods.baselines import L1
+    from compressor.methods.mipp import MIPP
+    from compressor.methods.prune import ScoringContext
     from compressor.pruning import engine
-    from compressor.pruning.scorers import ScoringContext, get_scorer
 
     torch.set_num_threads(threads)
     model = load_model(SHARED / MODELS[arch], arch=arch).model.eval()
     example = torch.zeros(1, 3, 32, 32)
     graph = engine.build_graph(model, example)
     groups = engine.discover_groups(model, graph)
-    options = {"min_keep": 0.1, "round_to": args.round_to}
-    if estimator is not None:
-        options["mipp_estimator"] = estimator
     ctx = ScoringContext(model=model, graph=graph, groups=groups, example_input=example, target=args.target,
                          metric="filters", device=torch.device("cpu"), seed=0, calib=loaders["calib"],
-                         num_classes=10, options=options)
+                         num_classes=10, round_to=args.round_to, min_keep=0.1)
+    scorer = L1() if method == "l1" else MIPP.from_values({"estimator": estimator})
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
-    scored = get_scorer(method)().score(ctx)
+    scored = scorer.score(ctx)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     keep = scored.keep or engine.allocate_uniform(model, example, groups, scored.scores, target=args.target,
                                                   metric="filters", min_keep=0.1, round_to=args.round_to).keep
@@ -98,7 +97,7 @@ def run_one(arch: str, method: str, estimator: str | None, threads: int, args: a
                                 .tolist()) for g in groups},
     }
     if method == "mipp":
-        info = scored.info["mipp"]
+        info = scored.report
         row.update({k: info[k] for k in ("confidence", "t_threshold", "search", "passes", "cap", "cache_mb")})
         row["seconds_parts"] = info["seconds"]
     print(f"{arch:9s} {method:5s} {estimator or '':9s} threads={threads} load={load:4.1f} {wall:7.1f}s "
@@ -114,8 +113,8 @@ def _jaccard(a: dict, b: dict) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from compressor import data as data_mod
-    from compressor.finetune import evaluate
     from compressor.io import load_model
+    from compressor.training import evaluate
 
     train = data_mod.load_dataset(str(TRAIN))
     loaders = {
