@@ -149,14 +149,13 @@ def model_files(name: str, args: argparse.Namespace) -> tuple[dict[str, str], st
 
 def method_metrics(methods: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """Default target metric of each registered method, and a skip reason for each method that is not registered."""
-    import compressor.api  # noqa: F401 - registers every method the checkout has
     from compressor.errors import UnknownNameError
-    from compressor.transforms import default_metric, plan
+    from compressor.methods import build_method
 
     metrics, skipped = {}, {}
     for method in methods:
         try:
-            metrics[method] = default_metric(plan(resolve_method(method)[0]))
+            metrics[method] = build_method(resolve_method(method)[0]).default_metric
         except UnknownNameError:
             skipped[method] = f"{method}: not registered in this checkout (compressor.list_methods())"
     return metrics, skipped

@@ -144,7 +144,7 @@ def _run(loaded: LoadedModel, prepared: stages.Prepared, method: Any, cfg: Compr
     torch.manual_seed(cfg.seed)
     original = loaded.model
     with watch.stage("evaluate_original"):
-        acc_original = stages.evaluate(original, prepared.eval, device=device) if prepared.eval else None
+        acc_original = stages.top1(original, prepared, cfg, device)
         original.cpu()
     with watch.stage("compress"):
         compressed = stages.compress_model(original, method, prepared, cfg, device)
@@ -156,7 +156,7 @@ def _run(loaded: LoadedModel, prepared: stages.Prepared, method: Any, cfg: Compr
             trained = stages.train(compressed, original, prepared, cfg, device)
             model, records, method_report = trained.model, trained.records, trained.report
         with watch.stage("evaluate_finetuned"):
-            acc_final = stages.evaluate(model, prepared.eval, device=device) if prepared.eval else None
+            acc_final = stages.top1(model, prepared, cfg, device)
     else:
         acc_final = recal.accuracy
     original.cpu().eval()

@@ -194,18 +194,23 @@ class Recalibrated:
 def recalibrate(model: nn.Module, prepared: Prepared, cfg: CompressConfig, device: torch.device) -> Recalibrated:
     """Stage 4: re-estimate the compressed model's BatchNorm statistics on ``cfg.bn_recalib`` training images
     (EagleEye's adaptive BN; skipped without data or with ``bn_recalib=0``), evaluating before and after."""
-    policy = ThreadPolicy(cfg.threads)
     stale, images = None, None
-    if prepared.train is not None and cfg.bn_recalib > 0:
-        if prepared.eval is not None:
-            with policy.apply("evaluate"):
+    with ThreadPolicy(cfg.threads).apply("evaluate"):
+        if prepared.train is not None and cfg.bn_recalib > 0:
+            if prepared.eval is not None:
                 stale = evaluate(model, prepared.eval, device=device)
-        loader = prepared.subset_loader(cfg.bn_recalib, seed=cfg.seed + 1, batch_size=cfg.batch_size)
-        with policy.apply("evaluate"):
+            loader = prepared.subset_loader(cfg.bn_recalib, seed=cfg.seed + 1, batch_size=cfg.batch_size)
             images = recalibrate_bn(model, loader, device=device)
-    with policy.apply("evaluate"):
         accuracy = evaluate(model, prepared.eval, device=device) if prepared.eval is not None else None
     return Recalibrated(stale, accuracy, images)
+
+
+def top1(model: nn.Module, prepared: Prepared, cfg: CompressConfig, device: torch.device) -> float | None:
+    """Top-1 of ``model`` on the evaluation data (None without it), under the thread policy's ``evaluate`` count."""
+    if prepared.eval is None:
+        return None
+    with ThreadPolicy(cfg.threads).apply("evaluate"):
+        return evaluate(model, prepared.eval, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------- train
