@@ -7,6 +7,7 @@ issue lands here. Nothing here writes to the user's output folder: files go to a
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class Exported:
 
     paths: dict[str, Path]
     parity: dict[str, Any]
+    seconds: dict[str, float]  # "export", "parity"
 
     def onnx_bytes(self) -> dict[str, int]:
         return {name: path.stat().st_size for name, path in self.paths.items()}
@@ -51,16 +53,19 @@ def export_verify(models: dict[str, nn.Module], example: torch.Tensor, inputs: l
 
     paths = {name: folder / f"{name}.onnx" for name in models}
     with ThreadPolicy(threads).apply("export"):
+        start = time.perf_counter()
         for name, model in models.items():
             export_onnx(model.cpu().eval(), paths[name], example)
+        exported = time.perf_counter()
         parity = check_parity(models["compressed"], paths["compressed"], inputs, atol=atol)
+    seconds = {"export": round(exported - start, 4), "parity": round(time.perf_counter() - exported, 4)}
     if not parity.ok:
         raise ValidationError(
             f"the compressed model's ONNX export disagrees with PyTorch (max abs diff {parity.max_abs_diff:.3g} "
             f"> atol {atol:g} or top-1 agreement {100 * parity.top1_agreement:.1f}% < 100%); nothing was "
             "written. Re-run with --debug and report it, or loosen --atol if the difference is benign"
         )
-    return Exported(paths, parity.to_dict())
+    return Exported(paths, parity.to_dict(), seconds)
 
 
 @dataclass(frozen=True)

@@ -165,8 +165,9 @@ def method_context(original: nn.Module, prepared: Prepared, cfg: CompressConfig,
     """What a method may read (:class:`~compressor.methods.base.MethodContext`), from the run's options."""
     budget = Budget(cfg.target, cfg.target_metric or method.default_metric, cfg.round_to, cfg.min_keep,
                     tuple(cfg.ignore_layers))
+    train = prepared.loader(cfg, train=True) if prepared.train is not None else None
     return MethodContext(example=prepared.example, num_classes=prepared.num_classes, device=device, seed=cfg.seed,
-                         budget=budget, original=original, calib=prepared.calib, epochs=cfg.epochs,
+                         budget=budget, original=original, calib=prepared.calib, train=train, epochs=cfg.epochs,
                          threads=cfg.threads)
 
 

@@ -249,8 +249,10 @@ def _method_section(method: Mapping[str, Any]) -> list[str]:
         if isinstance(method.get(step), Mapping):
             lines += ["", f"{step}: {_scalars(method[step])}."]
     if method.get("groups"):
-        lines += ["", "| pruning group (root) | layers | channels | kept |", "| --- | ---: | ---: | ---: |"]
-        lines += [f"| {g['root']} | {len(g['layers'])} | {g['channels']} | {g['keep']} |" for g in method["groups"]]
+        lines += ["", "| pruning group (root) | layers | channels | kept | aligned to |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {g['root']} | {len(g['layers'])} | {g['channels']} | {g['keep']} | {g.get('aligned_to') or '-'} |"
+                  for g in method["groups"]]
     return lines
 
 

@@ -87,3 +87,20 @@ def test_methods_subcommand_renders_tables() -> None:
     assert result.exit_code == 0
     for name in REGISTRY.names():
         assert name in result.output
+
+
+def test_subcommands_dispatch_from_the_console_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
+    """``compress inspect ...`` and ``compress bench ...`` reach their commands; anything else compresses."""
+    from .conftest import SAMPLES
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["inspect", str(SAMPLES / "samplenet.pt"), "--arch", "samplenet", "--json"])
+    assert exit_info.value.code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["totals"]["params"] > 0 and summary["groups"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", str(SAMPLES / "absent.onnx")])
+    assert exit_info.value.code == 2 and "absent.onnx" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(SAMPLES / "absent.pt")])
+    assert exit_info.value.code == 2 and "not found" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def test_sample_pipeline_writes_every_output(tmp_path: Path) -> None:
     for lat in report["latency"].values():
         assert LATENCY_KEYS <= set(lat["original"]) and LATENCY_KEYS <= set(lat["compressed"]) and lat["speedup"] > 0
     assert "CPUExecutionProvider" in json.dumps(report["benchmark"]["providers"])
-    assert {"load", "compress", "bn_recalib", "finetune", "export_verify", "benchmark"} <= set(report["timings"])
+    assert {"load", "compress", "bn_recalib", "finetune", "export", "parity", "benchmark"} <= set(report["timings"])
     assert report["method"]["bn_recalib_images"] == 1024 and 0 <= c["accuracy_before_bn_recalib"] <= 1
     assert any(r["out_after"] < r["out_before"] for r in report["layers"])
     assert report["versions"]["torch"] and report["versions"]["torch-pruning"] and report["versions"]["onnx"]

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..pruning import engine
+from ..pruning.budget import aligned_to
 from ..pruning.engine import PruningGroup
 from .base import Method, MethodContext, MethodResult, register_replay
 
@@ -79,11 +80,12 @@ class PruneMethod(Method):
         start = time.perf_counter()
         scored = self.score(scoring)
         seconds = time.perf_counter() - start
-        keep = scored.keep
+        keep, allocation = scored.keep, None
         if keep is None:
-            keep = engine.allocate_uniform(model, example, groups, scored.scores, target=budget.target,
-                                           metric=budget.metric, min_keep=budget.min_keep,
-                                           round_to=budget.round_to).keep
+            allocation = engine.allocate_uniform(model, example, groups, scored.scores, target=budget.target,
+                                                 metric=budget.metric, min_keep=budget.min_keep,
+                                                 round_to=budget.round_to)
+            keep = allocation.keep
         pruned = copy.deepcopy(model)
         pruned_graph = engine.build_graph(pruned, example)
         with torch.no_grad():
@@ -91,17 +93,20 @@ class PruneMethod(Method):
             engine.apply_keep(pruned, pruned_graph, groups, scored.scores, keep,
                               check=_output_check(example, reference))
         report = {"scorer": self.name, "prune_target": budget.target, "scoring_seconds": round(seconds, 4),
-                  "groups": [_group_row(g, int(keep[g.root])) for g in groups]}
+                  "groups": [_group_row(g, int(keep[g.root]), budget.round_to) for g in groups]}
+        if allocation is not None:
+            report["allocation"] = allocation.summary()
         if scored.report:
             report[self.name] = scored.report
         record = {"kind": "prune", "history": [list(step) for step in pruned_graph.pruning_history()]}
         return MethodResult(pruned.eval(), [record], report)
 
 
-def _group_row(group: PruningGroup, keep: int) -> dict[str, Any]:
-    """One group as the report shows it, with the channel alignment its keep count has (8, 4, 2 or 1)."""
-    align = next(a for a in (16, 8, 4, 2, 1) if keep % a == 0) if keep < group.channels else None
-    return {"root": group.root, "channels": group.channels, "keep": keep, "aligned_to": align,
+def _group_row(group: PruningGroup, keep: int, round_to: int) -> dict[str, Any]:
+    """One group as the report shows it, with the alignment its keep count got (``round_to``, half of it, ... 1;
+    None when the group keeps every channel)."""
+    return {"root": group.root, "channels": group.channels, "keep": keep,
+            "aligned_to": aligned_to(keep, group.channels, round_to),
             "layers": list(group.out_layers)}
 
 
