@@ -17,6 +17,7 @@ What is recorded per method, read only from the public result (no internals):
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,22 @@ def kept_channels(original: nn.Module, compressed: nn.Module) -> dict[str, list[
     return kept
 
 
+@functools.lru_cache(maxsize=2)
+def datasets(shared: Path = SHARED) -> tuple[Any, Any]:
+    """The CIFAR-10 training and test sets, read once per process (the same objects ``compress`` would load)."""
+    from compressor.data import load_dataset
+
+    return load_dataset(str(shared / TRAIN)), load_dataset(str(shared / TEST))
+
+
 def capture(method: str, shared: Path = SHARED) -> dict[str, Any]:
     """Run ``method`` through :func:`compressor.compress` (one torch thread, no benchmark) and record its choices."""
     from compressor import compress
 
     torch.set_num_threads(1)
-    result = compress(str(shared / CHECKPOINT), arch="resnet20", data=str(shared / TRAIN),
-                      eval_data=str(shared / TEST), normalize="cifar", method=method, target=0.33, epochs=0,
-                      bench_batches=(), seed=0)
+    train, test = datasets(shared)
+    result = compress(str(shared / CHECKPOINT), arch="resnet20", data=train, eval_data=test, normalize="cifar",
+                      method=method, target=0.33, epochs=0, bench_batches=(), seed=0, threads=1)
     compressed, report = result.report["compressed"], result.report
     return {
         "kept": kept_channels(result.original, result.model),

@@ -19,12 +19,13 @@ from torch import nn
 from . import pipeline as stages
 from . import report as report_mod
 from .config import CompressConfig
-from .deploy import benchmark, check_runtime, export_verify
+from .deploy import benchmark, check_runtime, export_verify, quantize
 from .errors import InputError, OutputError
 from .io import LoadedModel, atomic_save, check_writable_dir, compressed_payload
 from .methods import build_method, list_methods  # noqa: F401 - list_methods is re-exported by compressor/__init__
 
-OUTPUT_FILES = ("original.onnx", "compressed.onnx", "compressed.pt", "report.json", "report.md")
+OUTPUT_FILES = ("original.onnx", "compressed.onnx", "original.int8.onnx", "compressed.int8.onnx", "compressed.pt",
+                "report.json", "report.md")
 
 
 @dataclass
@@ -137,6 +138,77 @@ def compress(
     return _run(loaded, prepared, method, cfg, out_dir, watch, command)
 
 
+@dataclass
+class _Tuned:
+    """What the compress/recalibrate/train stages leave for deployment."""
+
+    compressed: stages.Compressed
+    recalibrated: stages.Recalibrated
+    trained: stages.Trained | None
+    model: nn.Module
+    records: list[dict[str, Any]]
+    method_report: dict[str, Any]
+    accuracy: float | None
+
+
+def _compress_and_train(original: nn.Module, prepared: stages.Prepared, method: Any, cfg: CompressConfig,
+                        device: torch.device, watch: stages.Stopwatch) -> _Tuned:
+    with watch.stage("compress"):
+        compressed = stages.compress_model(original, method, prepared, cfg, device)
+    with watch.stage("bn_recalib"):
+        recal = stages.recalibrate(compressed.model, prepared, cfg, device)
+    if cfg.epochs == 0:
+        return _Tuned(compressed, recal, None, compressed.model, compressed.records, compressed.report, recal.accuracy)
+    with watch.stage("finetune"):
+        trained = stages.train(compressed, original, prepared, cfg, device)
+    with watch.stage("evaluate_finetuned"):
+        accuracy = stages.top1(trained.model, prepared, cfg, device)
+    return _Tuned(compressed, recal, trained, trained.model, trained.records, trained.report, accuracy)
+
+
+def _deploy(original: nn.Module, tuned: _Tuned, prepared: stages.Prepared, cfg: CompressConfig,
+            accuracy_original: float | None, stage_dir: Path, watch: stages.Stopwatch) -> tuple[Any, Any, Any]:
+    """Export and verify both fp32 graphs, quantise both to INT8 when asked, benchmark every graph in one run."""
+    exported = export_verify({"original": original, "compressed": tuned.model}, prepared.example,
+                             prepared.parity_inputs(), folder=stage_dir, atol=cfg.atol, threads=cfg.threads)
+    watch.timings.update(exported.seconds)
+    quantized, paths = None, dict(exported.paths)
+    if prepared.quantizes(cfg):
+        with watch.stage("quantize"):
+            calib, evals = prepared.numpy_batches()
+            quantized = quantize(exported, calib, evals, max_drop=cfg.max_accuracy_drop / 100.0, threads=cfg.threads)
+        paths.update(quantized.paths)
+    bench = None
+    if cfg.bench_batches:
+        with watch.stage("benchmark"):
+            bench = benchmark(paths, prepared.example, batches=cfg.bench_batches, threads=cfg.threads,
+                              device=cfg.device, repeats=cfg.bench_repeats, seed=cfg.seed)
+    return exported, quantized, bench
+
+
+def _report(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, prepared: stages.Prepared, method: Any,
+            cfg: CompressConfig, deployed: tuple[Any, Any, Any], accuracy_original: float | None,
+            watch: stages.Stopwatch, command: list[str] | None) -> dict[str, Any]:
+    exported, quantized, bench = deployed
+    example, model = prepared.example, tuned.model
+    section = report_mod.method_section(
+        tuned.compressed, tuned.method_report, cfg,
+        achieved=stages.achieved(original, model, example, compressed_metric(cfg, method)),
+        bn_recalib_images=tuned.recalibrated.images)
+    sizes = exported.onnx_bytes()
+    return report_mod.assemble(
+        tool={"name": "compressor", "command": command},
+        model={"path": loaded.source, "arch": loaded.arch, "input_shape": list(example.shape[1:]),
+               "num_classes": prepared.num_classes},
+        method=section,
+        original={**stages.sizes(original, example), "onnx_bytes": sizes["original"], "accuracy": accuracy_original},
+        compressed={**stages.sizes(model, example), "onnx_bytes": sizes["compressed"], "accuracy": tuned.accuracy,
+                    "accuracy_before_finetune": tuned.recalibrated.accuracy,
+                    "accuracy_before_bn_recalib": tuned.recalibrated.accuracy_stale},
+        parity=exported.parity, int8=quantized.section() if quantized is not None else None, bench=bench,
+        trained=tuned.trained, cfg=cfg, watch=watch, layers=report_mod.layer_table(original, model))
+
+
 def _run(loaded: LoadedModel, prepared: stages.Prepared, method: Any, cfg: CompressConfig, out_dir: Path | None,
          watch: stages.Stopwatch, command: list[str] | None) -> CompressionResult:
     """Every stage after loading; all files are staged and published only at the very end."""
@@ -144,58 +216,24 @@ def _run(loaded: LoadedModel, prepared: stages.Prepared, method: Any, cfg: Compr
     torch.manual_seed(cfg.seed)
     original = loaded.model
     with watch.stage("evaluate_original"):
-        acc_original = stages.top1(original, prepared, cfg, device)
+        accuracy_original = stages.top1(original, prepared, cfg, device)
         original.cpu()
-    with watch.stage("compress"):
-        compressed = stages.compress_model(original, method, prepared, cfg, device)
-    with watch.stage("bn_recalib"):
-        recal = stages.recalibrate(compressed.model, prepared, cfg, device)
-    model, records, method_report, trained = compressed.model, compressed.records, compressed.report, None
-    if cfg.epochs > 0:
-        with watch.stage("finetune"):
-            trained = stages.train(compressed, original, prepared, cfg, device)
-            model, records, method_report = trained.model, trained.records, trained.report
-        with watch.stage("evaluate_finetuned"):
-            acc_final = stages.top1(model, prepared, cfg, device)
-    else:
-        acc_final = recal.accuracy
+    tuned = _compress_and_train(original, prepared, method, cfg, device, watch)
     original.cpu().eval()
-    model.cpu().eval()
+    tuned.model.cpu().eval()
     parent = _nearest_existing(out_dir) if out_dir is not None else None
     stage_dir = Path(tempfile.mkdtemp(prefix=".compressor-stage-", dir=parent))
     try:
-        exported = export_verify({"original": original, "compressed": model}, prepared.example,
-                                 prepared.parity_inputs(), folder=stage_dir, atol=cfg.atol, threads=cfg.threads)
-        watch.timings.update(exported.seconds)
-        bench = None
-        if cfg.bench_batches:
-            with watch.stage("benchmark"):
-                bench = benchmark(exported.paths, prepared.example, batches=cfg.bench_batches, threads=cfg.threads,
-                                  device=cfg.device, repeats=cfg.bench_repeats, seed=cfg.seed)
-        method_section = report_mod.method_section(
-            compressed, method_report, cfg, achieved=stages.achieved(original, model, prepared.example,
-                                                                     compressed_metric(cfg, method)),
-            bn_recalib_images=recal.images)
-        report = report_mod.assemble(
-            tool={"name": "compressor", "command": command},
-            model={"path": loaded.source, "arch": loaded.arch, "input_shape": list(prepared.example.shape[1:]),
-                   "num_classes": prepared.num_classes},
-            method=method_section,
-            original={**stages.sizes(original, prepared.example), "onnx_bytes": exported.onnx_bytes()["original"],
-                      "accuracy": acc_original},
-            compressed={**stages.sizes(model, prepared.example), "onnx_bytes": exported.onnx_bytes()["compressed"],
-                        "accuracy": acc_final, "accuracy_before_finetune": recal.accuracy,
-                        "accuracy_before_bn_recalib": recal.accuracy_stale},
-            parity=exported.parity, bench=bench, trained=trained, cfg=cfg, watch=watch,
-            layers=report_mod.layer_table(original, model))
+        deployed = _deploy(original, tuned, prepared, cfg, accuracy_original, stage_dir, watch)
+        report = _report(loaded, original, tuned, prepared, method, cfg, deployed, accuracy_original, watch, command)
         files: dict[str, Path] = {}
         if out_dir is not None:
             with watch.stage("write"):
-                _write(stage_dir, model, loaded, prepared, records, report)
+                _write(stage_dir, tuned.model, loaded, prepared, tuned.records, report)
                 files = _publish(stage_dir, out_dir)
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
-    return CompressionResult(model, original, report, out_dir, files)
+    return CompressionResult(tuned.model, original, report, out_dir, files)
 
 
 def compressed_metric(cfg: CompressConfig, method: Any) -> str:

@@ -94,6 +94,11 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("threads", Optional[int], None, "Threads for every stage: scoring, training, evaluation and onnxruntime "
          "(default: chosen per stage, see compressor/threads.py). E.g. --threads 2", BENCH),
     Flag("bench_repeats", int, 50, "Timed runs per model and batch size. E.g. --bench-repeats 50", BENCH),
+    Flag("quantize", str, "auto", "INT8 of both the original and the compressed graph (onnxruntime quantize_static, "
+         "QDQ, per-channel, calibrated on --data), verified by top-1, benchmarked beside fp32: auto (when --data is "
+         "given), int8 or none. E.g. --quantize none", BENCH),
+    Flag("max_accuracy_drop", float, 1.0, "Largest top-1 drop (percentage points) an INT8 graph may have against its "
+         "fp32 graph; beyond it sensitive layers stay float. E.g. --max-accuracy-drop 0.5", BENCH),
     Flag("atol", float, 1e-4, "Max |PyTorch - onnxruntime| accepted. E.g. --atol 1e-4", BENCH),
     Flag("out", Optional[Path], None, "Output folder (default: a new folder beside the model). E.g. --out "
          "runs/r56-l1", OUT),

@@ -11,6 +11,7 @@ from .errors import InputError
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
 METRICS = ("filters", "params", "macs")
+QUANTIZE = ("auto", "int8", "none")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class CompressConfig:
         Maximum |PyTorch - onnxruntime| accepted by the parity check.
     method_options : dict
         Method-specific options, forwarded to the scorer.
+    quantize : {"auto", "int8", "none"}
+        INT8 of both graphs after export (onnxruntime ``quantize_static``, calibrated on ``data``): ``auto`` quantises
+        when ``data`` is given (calibration needs images), ``int8`` requires it.
+    max_accuracy_drop : float
+        Largest top-1 loss, in percentage points, that an INT8 graph may have against its fp32 graph; beyond it the
+        most sensitive layers stay float, and a graph that still fails stops the run.
     at_init : bool
         Score and prune a re-initialised copy of the model (random weights, seeded by ``seed``), then train the
         pruned network from scratch for ``epochs``; the trained input stays the "original" it is compared with.
@@ -81,6 +88,8 @@ class CompressConfig:
     atol: float = 1e-4
     method_options: dict[str, Any] = field(default_factory=dict)
     at_init: bool = False
+    quantize: str = "auto"
+    max_accuracy_drop: float = 1.0
 
     def validate(self) -> CompressConfig:
         """Raise :class:`InputError` naming the first invalid option; return ``self``."""
@@ -102,6 +111,9 @@ class CompressConfig:
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1; got {self.threads}"),
             (self.bench_repeats >= 1, f"--bench-repeats must be >= 1; got {self.bench_repeats}"),
             (self.atol > 0, f"--atol must be > 0; got {self.atol}"),
+            (self.quantize in QUANTIZE, f"--quantize must be one of {', '.join(QUANTIZE)}; got {self.quantize!r}"),
+            (0.0 <= self.max_accuracy_drop <= 100.0,
+             f"--max-accuracy-drop is in percentage points, in [0, 100], e.g. 1; got {self.max_accuracy_drop}"),
             (not self.at_init or self.epochs > 0,
              "--at-init prunes a randomly initialised network, which must then be trained: add --epochs N"),
         ]

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,13 +84,69 @@ def _rounded(stats: Any) -> dict[str, Any]:
 
 def benchmark(paths: dict[str, Path], example: torch.Tensor, *, batches: tuple[int, ...], threads: int | None,
               device: str, repeats: int, seed: int) -> Benchmarked:
-    """Stage 7: time ``original`` and ``compressed`` interleaved in one onnxruntime run."""
+    """Stage 8: time every graph of ``paths`` interleaved in one onnxruntime run.
+
+    Per batch size: each graph's stats, ``speedup`` (fp32 original p50 / fp32 compressed p50), ``speedups`` (fp32
+    original p50 / each graph's p50) and, with INT8 graphs, ``int8_gain`` (INT8 original / INT8 compressed: what
+    compression adds on top of quantising the original, the alternative a user would otherwise ship).
+    """
     from exporters import benchmark_latency
 
     bench = benchmark_latency({k: str(p) for k, p in paths.items()}, input_shape=tuple(example.shape[1:]),
                               batch_sizes=batches, threads=ThreadPolicy(threads).onnxruntime(), device=device,
                               repeats=repeats, seed=seed)
-    latency = {str(b): {"original": _rounded(bench.latency[b]["original"]),
-                        "compressed": _rounded(bench.latency[b]["compressed"]),
-                        "speedup": round(bench.speedup(b, "original", "compressed"), 4)} for b in batches}
+    latency: dict[str, Any] = {}
+    for b in batches:
+        row: dict[str, Any] = {name: _rounded(bench.latency[b][name]) for name in paths}
+        row["speedup"] = round(bench.speedup(b, "original", "compressed"), 4)
+        row["speedups"] = {name: round(bench.speedup(b, "original", name), 4) for name in paths if name != "original"}
+        if INT8_NAMES[1] in paths:
+            row["int8_gain"] = round(bench.speedup(b, *INT8_NAMES), 4)
+        latency[str(b)] = row
     return Benchmarked(latency, {k: v for k, v in bench.to_dict().items() if k != "latency"})
+
+
+INT8_NAMES = ("original.int8", "compressed.int8")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Stage 7: INT8 graphs of both models (``original.int8``: the baseline a user would otherwise ship), the format
+    chosen by measurement on this machine, and each graph's check (top-1, agreement with fp32, nodes kept float)."""
+
+    paths: dict[str, Path]
+    results: dict[str, Any]
+    fmt: Any
+    choice: dict[str, Any]
+    seconds: float
+
+    def section(self) -> dict[str, Any]:
+        """The report's ``int8`` section."""
+        graphs = {}
+        for name, result in self.results.items():
+            graphs[name.split(".")[0]] = {
+                "onnx_bytes": self.paths[name].stat().st_size, "accuracy": result.accuracy,
+                "fp32_accuracy": result.fp32_accuracy, "agreement": round(result.agreement, 4),
+                "excluded": list(result.excluded), "attempts": result.attempts, "seconds": round(result.seconds, 3)}
+        return {"format": {"name": self.fmt.name, **self.fmt.to_dict()}, "format_choice": self.choice,
+                "seconds": round(self.seconds, 3), **graphs}
+
+
+def quantize(exported: Exported, calib: list[np.ndarray], eval_batches: list[tuple[np.ndarray, np.ndarray]] | None,
+             *, max_drop: float, threads: int | None) -> Quantized:
+    """Stage 7: choose the INT8 format by timing U8 and S8 activations on this machine, then quantise the original
+    and the compressed graph the same way (onnxruntime's ``quantize_static``, QDQ, per-channel), each verified
+    against its own fp32 ONNX graph's top-1 (like with like) with ``max_drop`` (fraction) and sensitive nodes kept
+    float when needed."""
+    from .quantize import choose_format, quantize_verified
+
+    start = time.perf_counter()
+    runtime_threads = ThreadPolicy(threads).onnxruntime()
+    fmt, choice = choose_format(exported.paths["original"], calib, batch=1, threads=runtime_threads)
+    paths, results = {}, {}
+    for name in INT8_NAMES:
+        fp32 = name.split(".")[0]
+        paths[name] = exported.paths[fp32].with_name(f"{name}.onnx")
+        results[name] = quantize_verified(exported.paths[fp32], paths[name], calib=calib, eval_batches=eval_batches,
+                                          fmt=fmt, max_drop=max_drop, fp32_accuracy=None)
+    return Quantized(paths, results, fmt, choice, time.perf_counter() - start)

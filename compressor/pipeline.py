@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,6 +92,16 @@ class Prepared:
         return data_mod.make_loader(ds, batch_size=batch_size, normalize=self.normalization, shuffle=False,
                                     augment=False, seed=seed, drop_last=False)
 
+    def quantizes(self, cfg: CompressConfig) -> bool:
+        """Whether the INT8 stage runs: ``int8``, or ``auto`` with training data to calibrate on."""
+        return cfg.quantize == "int8" or (cfg.quantize == "auto" and self.train is not None)
+
+    def numpy_batches(self) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]] | None]:
+        """Calibration images and labelled evaluation batches as numpy arrays (for onnxruntime)."""
+        calib = [x.numpy() for x, _ in self.calib]
+        evals = [(x.numpy(), y.numpy()) for x, y in self.eval] if self.eval is not None else None
+        return calib, evals
+
     def parity_inputs(self, n: int = 256) -> list[torch.Tensor]:
         """Real images for the parity check: eval data first, else training data, else seeded noise."""
         source = self.test if self.test is not None else self.train
@@ -132,6 +143,8 @@ def prepare(loaded: LoadedModel, data: Any, eval_data: Any, *, normalize: str, c
             data_mod.check_dataset(ds, input_shape=tuple(shape), num_classes=num_classes, name=flag)
     if method.requires_data and train is None:
         raise InputError(f"--method {cfg.method} needs calibration data; pass --data")
+    if cfg.quantize == "int8" and train is None:
+        raise InputError("--quantize int8 calibrates on images of --data; pass --data (or use --quantize none)")
     if cfg.epochs > 0 and train is None:
         raise InputError(f"--epochs {cfg.epochs} needs training data; pass --data (or use --epochs 0)")
     if method.needs_epochs() and cfg.epochs < 1:

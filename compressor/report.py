@@ -76,13 +76,14 @@ def method_options(method: Any) -> dict[str, Any]:
 
 
 def assemble(*, tool: dict[str, Any], model: dict[str, Any], method: dict[str, Any], original: dict[str, Any],
-             compressed: dict[str, Any], parity: dict[str, Any], bench: Any, trained: Any, cfg: Any,
-             watch: Any, layers: list[dict[str, Any]]) -> dict[str, Any]:
+             compressed: dict[str, Any], parity: dict[str, Any], int8: dict[str, Any] | None, bench: Any,
+             trained: Any, cfg: Any, watch: Any, layers: list[dict[str, Any]]) -> dict[str, Any]:
     """The report, from the sections each stage contributed (see the module docstring for the schema)."""
     result = getattr(trained, "result", None)
     return {
         "tool": tool, "model": model, "method": method, "original": original, "compressed": compressed,
         "parity": parity,
+        "int8": int8,
         "latency": bench.latency if bench is not None else {},
         "benchmark": bench.details if bench is not None else {},
         "finetune": {"epochs": cfg.epochs, "device": getattr(result, "device", None),
@@ -178,7 +179,56 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     for batch, lat in report.get("latency", {}).items():
         rows.append((f"ORT p50 ms (batch {batch})", f"{lat['original']['p50_ms']:.3f}",
                      f"{lat['compressed']['p50_ms']:.3f}", _speed(lat["speedup"])))
+    return rows + int8_rows(report)
+
+
+def int8_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
+    """INT8 original (the alternative a user would ship) vs INT8 compressed: what compression adds on top."""
+    q = report.get("int8")
+    if not q:
+        return []
+    o, c = q["original"], q["compressed"]
+    change = f"{100 * (c['accuracy'] - o['accuracy']):+.2f} pts" if None not in (o["accuracy"], c["accuracy"]) else ""
+    rows = [("INT8 ONNX bytes", _fmt_int(o["onnx_bytes"]), _fmt_int(c["onnx_bytes"]),
+             _ratio(o["onnx_bytes"], c["onnx_bytes"])),
+            ("INT8 top-1", _fmt_acc(o["accuracy"]), _fmt_acc(c["accuracy"]), change)]
+    for batch, lat in report.get("latency", {}).items():
+        if "int8_gain" in lat:
+            rows.append((f"INT8 ORT p50 ms (batch {batch})", f"{lat['original.int8']['p50_ms']:.3f}",
+                         f"{lat['compressed.int8']['p50_ms']:.3f}", _speed(lat["int8_gain"])))
     return rows
+
+
+GRAPHS = (("original", "original fp32"), ("original.int8", "original INT8"), ("compressed", "compressed fp32"),
+          ("compressed.int8", "compressed INT8"))
+
+
+def deployment_lines(report: Mapping[str, Any]) -> list[str]:
+    """The 2x2 (fp32/INT8 x original/compressed) markdown table: bytes, top-1, p50 and speed-up over fp32 original."""
+    q, latency = report.get("int8"), report.get("latency", {})
+    if not q:
+        return []
+    batches = list(latency)
+    lines = ["", "## Deployment: fp32 and INT8, original and compressed", "",
+             f"INT8: onnxruntime quantize_static, QDQ, {q['format']['name']} (format chosen by timing on this "
+             f"machine: {_scalars(q.get('format_choice', {}))}).", "",
+             "| graph | ONNX bytes | top-1 | " + " | ".join(f"p50 ms b{b} (speed-up)" for b in batches) + " |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in batches) + " |"]
+    for key, label in GRAPHS:
+        side = key.split(".")[0]
+        facts = q[side] if key.endswith("int8") else report[side]
+        cells = []
+        for b in batches:
+            speed = latency[b]["speedups"].get(key, 1.0) if key != "original" else 1.0
+            cells.append(f"{latency[b][key]['p50_ms']:.3f} ({speed:.2f}x)")
+        lines.append(f"| {label} | {_fmt_int(facts['onnx_bytes'])} | {_fmt_acc(facts['accuracy'])} | "
+                     + " | ".join(cells) + " |")
+    for side in ("original", "compressed"):
+        kept = q[side]["excluded"]
+        lines.append("")
+        lines.append(f"{side} INT8: top-1 agreement with fp32 {100 * q[side]['agreement']:.1f}%; "
+                     + (f"kept in float: {', '.join(kept)}." if kept else "every Conv/Gemm quantised."))
+    return lines
 
 
 def to_markdown(report: Mapping[str, Any]) -> str:
@@ -209,6 +259,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
             for which in ("original", "compressed"):
                 s = lat[which]
                 lines.append(f"| {batch} | {which} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
+    lines += deployment_lines(report)
     lines += _method_section(method)
     ranked = any(r.get("ranks") for r in report["layers"])
     lines += ["", "## Layers", "", "| layer | in before | in after | out before | out after |"

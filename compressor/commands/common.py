@@ -77,6 +77,8 @@ def _one_line(exc: BaseException) -> str:
 def setup_logging(debug: bool) -> None:
     """Log messages to stderr: DEBUG with ``--debug``, else INFO (as ``compress MODEL`` does)."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not debug:  # onnxruntime's quantisation tools log every step at INFO ("Performing symbolic shape inference...")
+        logging.getLogger("onnxruntime").setLevel(logging.WARNING)
 
 
 def make_app(**settings: object) -> typer.Typer:
