@@ -176,7 +176,8 @@ def _deploy(original: nn.Module, tuned: _Tuned, prepared: stages.Prepared, cfg: 
     if prepared.quantizes(cfg):
         with watch.stage("quantize"):
             calib, evals = prepared.numpy_batches()
-            quantized = quantize(exported, calib, evals, max_drop=cfg.max_accuracy_drop / 100.0, threads=cfg.threads)
+            quantized = quantize(exported, calib, evals, max_drop=cfg.max_accuracy_drop / 100.0, threads=cfg.threads,
+                                 required=cfg.quantize == "int8")
         paths.update(quantized.paths)
     bench = None
     if cfg.bench_batches:

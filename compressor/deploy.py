@@ -112,19 +112,26 @@ INT8_NAMES = ("original.int8", "compressed.int8")
 @dataclass(frozen=True)
 class Quantized:
     """Stage 7: INT8 graphs of both models (``original.int8``: the baseline a user would otherwise ship), the format
-    chosen by measurement on this machine, and each graph's check (top-1, agreement with fp32, nodes kept float)."""
+    chosen by measurement on this machine, each graph's check (top-1, agreement with fp32, nodes kept float), and,
+    with ``--quantize auto``, the one-line reason for a graph that failed its check (it is not shipped)."""
 
     paths: dict[str, Path]
     results: dict[str, Any]
     fmt: Any
     choice: dict[str, Any]
     seconds: float
+    failures: dict[str, str]
 
     def section(self) -> dict[str, Any]:
-        """The report's ``int8`` section."""
-        graphs = {}
-        for name, result in self.results.items():
-            graphs[name.split(".")[0]] = {
+        """The report's ``int8`` section: ``format``, ``format_choice`` and one entry per side."""
+        graphs: dict[str, Any] = {}
+        for name in INT8_NAMES:
+            side = name.split(".")[0]
+            if name in self.failures:
+                graphs[side] = {"failed": self.failures[name], "onnx_bytes": None, "accuracy": None}
+                continue
+            result = self.results[name]
+            graphs[side] = {
                 "onnx_bytes": self.paths[name].stat().st_size, "accuracy": result.accuracy,
                 "fp32_accuracy": result.fp32_accuracy, "agreement": round(result.agreement, 4),
                 "excluded": list(result.excluded), "attempts": result.attempts, "seconds": round(result.seconds, 3)}
@@ -133,20 +140,26 @@ class Quantized:
 
 
 def quantize(exported: Exported, calib: list[np.ndarray], eval_batches: list[tuple[np.ndarray, np.ndarray]] | None,
-             *, max_drop: float, threads: int | None) -> Quantized:
+             *, max_drop: float, threads: int | None, required: bool) -> Quantized:
     """Stage 7: choose the INT8 format by timing U8 and S8 activations on this machine, then quantise the original
     and the compressed graph the same way (onnxruntime's ``quantize_static``, QDQ, per-channel), each verified
     against its own fp32 ONNX graph's top-1 (like with like) with ``max_drop`` (fraction) and sensitive nodes kept
-    float when needed."""
+    float when needed. A graph that still fails raises (``required``, i.e. ``--quantize int8``) or is left out and
+    reported (``--quantize auto``): an INT8 graph that fails its check is never shipped."""
     from .quantize import choose_format, quantize_verified
 
     start = time.perf_counter()
-    runtime_threads = ThreadPolicy(threads).onnxruntime()
-    fmt, choice = choose_format(exported.paths["original"], calib, batch=1, threads=runtime_threads)
-    paths, results = {}, {}
+    fmt, choice = choose_format(exported.paths["original"], calib, batch=1, threads=ThreadPolicy(threads).onnxruntime())
+    paths, results, failures = {}, {}, {}
     for name in INT8_NAMES:
-        fp32 = name.split(".")[0]
-        paths[name] = exported.paths[fp32].with_name(f"{name}.onnx")
-        results[name] = quantize_verified(exported.paths[fp32], paths[name], calib=calib, eval_batches=eval_batches,
-                                          fmt=fmt, max_drop=max_drop, fp32_accuracy=None)
-    return Quantized(paths, results, fmt, choice, time.perf_counter() - start)
+        fp32 = exported.paths[name.split(".")[0]]
+        try:
+            results[name] = quantize_verified(fp32, fp32.with_name(f"{name}.onnx"), calib=calib,
+                                              eval_batches=eval_batches, fmt=fmt, max_drop=max_drop)
+        except ValidationError as exc:
+            if required:
+                raise
+            failures[name] = str(exc)
+            continue
+        paths[name] = results[name].path
+    return Quantized(paths, results, fmt, choice, time.perf_counter() - start, failures)

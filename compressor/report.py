@@ -188,6 +188,10 @@ def int8_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
     if not q:
         return []
     o, c = q["original"], q["compressed"]
+    failed = [side for side in ("original", "compressed") if q[side].get("failed")]
+    if failed:
+        return [("INT8", "failed check" if "original" in failed else "ok",
+                 "failed check" if "compressed" in failed else "ok", "not shipped (see report.md)")]
     change = f"{100 * (c['accuracy'] - o['accuracy']):+.2f} pts" if None not in (o["accuracy"], c["accuracy"]) else ""
     rows = [("INT8 ONNX bytes", _fmt_int(o["onnx_bytes"]), _fmt_int(c["onnx_bytes"]),
              _ratio(o["onnx_bytes"], c["onnx_bytes"])),
@@ -217,6 +221,9 @@ def deployment_lines(report: Mapping[str, Any]) -> list[str]:
     for key, label in GRAPHS:
         side = key.split(".")[0]
         facts = q[side] if key.endswith("int8") else report[side]
+        if facts.get("failed"):
+            lines.append(f"| {label} | failed its check, not shipped | | " + " | ".join("" for _ in batches) + " |")
+            continue
         cells = []
         for b in batches:
             speed = latency[b]["speedups"].get(key, 1.0) if key != "original" else 1.0
@@ -224,8 +231,11 @@ def deployment_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {label} | {_fmt_int(facts['onnx_bytes'])} | {_fmt_acc(facts['accuracy'])} | "
                      + " | ".join(cells) + " |")
     for side in ("original", "compressed"):
-        kept = q[side]["excluded"]
         lines.append("")
+        if q[side].get("failed"):
+            lines.append(f"{side} INT8: {q[side]['failed']}")
+            continue
+        kept = q[side]["excluded"]
         lines.append(f"{side} INT8: top-1 agreement with fp32 {100 * q[side]['agreement']:.1f}%; "
                      + (f"kept in float: {', '.join(kept)}." if kept else "every Conv/Gemm quantised."))
     return lines

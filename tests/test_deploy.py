@@ -99,3 +99,41 @@ def test_numpy_batches_match_the_loaders() -> None:
     assert sum(len(x) for x in calib) == 32 and all(x.dtype == np.float32 for x in calib)
     assert evals is not None and sum(len(y) for _, y in evals) == len(prepared.test)
     assert prepared.quantizes(cfg) and not prepared.quantizes(CompressConfig(quantize="none"))
+
+
+def _fail_compressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import compressor.quantize as q
+    from compressor.errors import ValidationError
+
+    real = q.quantize_verified
+
+    def flaky(fp32, out, **kwargs):
+        if Path(out).name == "compressed.int8.onnx":
+            raise ValidationError("INT8 top-1 drops 5.0 points, more than the 1.0 allowed")
+        return real(fp32, out, **kwargs)
+
+    monkeypatch.setattr(q, "quantize_verified", flaky)
+
+
+def test_auto_ships_fp32_and_reports_an_int8_graph_that_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fail_compressed(monkeypatch)
+    out = tmp_path / "run"
+    result = compress(SAMPLES / "samplenet.pt", arch="samplenet", data=SAMPLES / "shapes_train_set.npz",
+                      normalize="0.5,0.5,0.5/0.5,0.5,0.5", method="l1", target=0.33, bench_batches=(1,),
+                      bench_repeats=2, calib_samples=64, out=out)
+    assert "drops 5.0 points" in result.report["int8"]["compressed"]["failed"]
+    assert not (out / "compressed.int8.onnx").exists() and (out / "original.int8.onnx").exists()
+    assert "compressed.int8" not in result.report["latency"]["1"] and "original.int8" in result.report["latency"]["1"]
+    assert "failed its check, not shipped" in (out / "report.md").read_text()
+
+
+def test_int8_required_fails_the_run_and_writes_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from compressor.errors import ValidationError
+
+    _fail_compressed(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(ValidationError, match="drops 5.0 points"):
+        compress(SAMPLES / "samplenet.pt", arch="samplenet", data=SAMPLES / "shapes_train_set.npz",
+                 normalize="0.5,0.5,0.5/0.5,0.5,0.5", method="l1", target=0.33, bench_batches=(), calib_samples=64,
+                 quantize="int8", out=out)
+    assert not out.exists() and not list(tmp_path.glob(".compressor-stage-*"))
