@@ -54,7 +54,8 @@ def peak_rss_mib() -> float:
 
 
 def summarise(report: dict[str, Any], batches: list[int]) -> dict[str, Any]:
-    """The flat row of one report: sizes before/after, top-1 at each stage, latency, efficiency, stage timings.
+    """The flat row of one report: sizes before/after, top-1 at each stage, latency, efficiency, stage timings,
+    and the INT8 columns (:func:`int8_columns`) when the run quantised.
 
     Top-1: ``top1_orig`` (original), ``top1_pruned_stale_bn`` (compressed, BatchNorm statistics as inherited),
     ``top1_pruned`` (after BatchNorm recalibration, before fine-tuning), ``top1_finetuned``.
@@ -77,10 +78,44 @@ def summarise(report: dict[str, Any], batches: list[int]) -> dict[str, Any]:
         row[f"p50_ms_b{batch}"] = lat["compressed"]["p50_ms"]
         row[f"speedup_b{batch}"] = lat["speedup"]
         row[f"efficiency_b{batch}"] = round(lat["speedup"] / row["mac_reduction"], 4)
+    row.update(int8_columns(report, batches))
     row["parity_max_abs_diff"] = report["parity"]["max_abs_diff"]
     row["ort_device"] = report.get("benchmark", {}).get("device")
     row["ort_providers"] = report.get("benchmark", {}).get("providers")
     row.update({f"time_{stage}": seconds for stage, seconds in report["timings"].items()})
+    return row
+
+
+def int8_columns(report: dict[str, Any], batches: list[int]) -> dict[str, Any]:
+    """The report's INT8 results as flat columns (none when the run did not quantise).
+
+    Per graph (``_orig``: the original's INT8 graph; no suffix: the compressed one's): ``int8_bytes``, ``top1_int8``,
+    ``top1_fp32_onnx`` (the fp32 ONNX top-1 it was checked against), ``int8_drop`` (their difference, a fraction),
+    ``int8_agreement`` (top-1 agreement with fp32), ``int8_float_nodes`` (nodes kept float). Per batch B:
+    ``p50_ms_orig_int8_bB`` and ``p50_ms_int8_bB``, ``speedup_orig_int8_bB`` and ``speedup_int8_bB`` (fp32 original
+    p50 / that graph's p50, all four graphs timed interleaved) and ``int8_gain_bB`` (INT8 original p50 / INT8
+    compressed p50: what compression adds on top of quantising the original). ``int8_format``: the format chosen.
+    """
+    q = report.get("int8")
+    if not q:
+        return {}
+    row: dict[str, Any] = {"int8_format": q["format"]["name"]}
+    for side, suffix in (("original", "_orig"), ("compressed", "")):
+        g = q[side]
+        drop = None if g["accuracy"] is None or g["fp32_accuracy"] is None else g["fp32_accuracy"] - g["accuracy"]
+        row.update({f"int8_bytes{suffix}": g["onnx_bytes"], f"top1_int8{suffix}": g["accuracy"],
+                    f"top1_fp32_onnx{suffix}": g["fp32_accuracy"],
+                    f"int8_drop{suffix}": None if drop is None else round(drop, 6),
+                    f"int8_agreement{suffix}": g["agreement"], f"int8_float_nodes{suffix}": list(g["excluded"])})
+    for batch in batches:
+        lat = report["latency"].get(str(batch))
+        if lat is None or "int8_gain" not in lat:
+            continue
+        row[f"p50_ms_orig_int8_b{batch}"] = lat["original.int8"]["p50_ms"]
+        row[f"p50_ms_int8_b{batch}"] = lat["compressed.int8"]["p50_ms"]
+        row[f"speedup_orig_int8_b{batch}"] = lat["speedups"]["original.int8"]
+        row[f"speedup_int8_b{batch}"] = lat["speedups"]["compressed.int8"]
+        row[f"int8_gain_b{batch}"] = lat["int8_gain"]
     return row
 
 
@@ -92,21 +127,67 @@ def load_subset(path: str, n: int | None, seed: int) -> Any:
     return data if n is None else calibration_subset(data, n, seed=seed)
 
 
+def compress_options(job: dict[str, Any]) -> dict[str, Any]:
+    """The options of :func:`compressor.compress` for a job: the suite's budget, the row's ``round_to``, then the
+    model's overrides (e.g. batch 1 only at 224x224)."""
+    budget = job["budget"]
+    options = dict(arch=job["arch"], normalize=job["normalize"], method=job.get("compress_method", job["method"]),
+                   method_options=job.get("method_options") or {}, target=job["target"], target_metric=job["metric"],
+                   epochs=budget["epochs"], lr=budget["lr"], batch_size=budget["batch_size"], seed=budget["seed"],
+                   device=budget["device"], calib_samples=budget["calib_samples"],
+                   bench_batches=tuple(budget["bench_batches"]), bench_repeats=budget["bench_repeats"],
+                   threads=budget["threads"], quantize=budget.get("quantize", "none"))
+    if job.get("round_to") is not None:
+        options["round_to"] = job["round_to"]
+    for key, value in (job.get("overrides") or {}).items():
+        options[key] = tuple(value) if isinstance(value, list) else value
+    return options
+
+
+def synthetic_data(size: int, n: int, seed: int) -> Any:
+    """``n`` seeded uniform-noise uint8 images of ``size`` x ``size`` (labels 0..9, cycling): calibration images
+    for a random-weight model whose rows measure latency only."""
+    import torch
+
+    from compressor.data import ImageDataset
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    return ImageDataset(x, torch.arange(n) % 10, source=f"seeded noise {size}x{size} (latency only)")
+
+
+def random_checkpoint(arch: str, seed: int, folder: Path) -> Path:
+    """Save the seeded random initialisation of ``arch`` (an ``--arch`` spec) as a state_dict in ``folder``."""
+    import torch
+
+    from compressor.io import resolve_arch
+
+    factory, _ = resolve_arch(arch)
+    torch.manual_seed(seed)
+    path = folder / "random-init.pt"
+    torch.save(factory().state_dict(), path)
+    return path
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Compress one configuration; return its row (without status, wall time and memory)."""
     from compressor import compress
 
-    budget = job["budget"]
-    train = load_subset(job["train"], budget["train_images"], budget["seed"])
-    test = load_subset(job["eval"], budget.get("eval_images"), budget["seed"])
-    result = compress(job["checkpoint"], arch=job["arch"], data=train, eval_data=test,
-                      normalize=job["normalize"], method=job.get("compress_method", job["method"]),
-                      method_options=job.get("method_options") or {}, target=job["target"],
-                      target_metric=job["metric"], epochs=budget["epochs"], lr=budget["lr"],
-                      batch_size=budget["batch_size"], seed=budget["seed"], device=budget["device"],
-                      calib_samples=budget["calib_samples"], bench_batches=tuple(budget["bench_batches"]),
-                      bench_repeats=budget["bench_repeats"], threads=budget["threads"])
-    return {"train_images": len(train), "eval_images": len(test), **summarise(result.report, budget["bench_batches"])}
+    budget, options = job["budget"], compress_options(job)
+    extra: dict[str, Any] = {} if job.get("round_to") is None else {"round_to": job["round_to"]}
+    if job.get("synthetic"):
+        train = synthetic_data(job["synthetic"]["image_size"], options["calib_samples"], budget["seed"])
+        with tempfile.TemporaryDirectory(prefix="bench-random-") as tmp:
+            checkpoint = random_checkpoint(job["arch"], budget["seed"], Path(tmp))
+            result = compress(checkpoint, data=train, eval_data=None, **options)
+        extra.update(latency_only=True, weights=f"random (seed {budget['seed']})", eval_images=0)
+    else:
+        train = load_subset(job["train"], budget["train_images"], budget["seed"])
+        test = load_subset(job["eval"], budget.get("eval_images"), budget["seed"])
+        result = compress(job["checkpoint"], data=train, eval_data=test, **options)
+        extra["eval_images"] = len(test)
+    batches = list(options["bench_batches"])
+    return {"train_images": len(train), **extra, **summarise(result.report, batches)}
 
 
 def _load_average() -> float | None:

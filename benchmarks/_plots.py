@@ -1,8 +1,10 @@
 """PNG plots of a stored suite: top-1 against MACs and onnxruntime latency against MACs, one plot per model.
 
-Each method is one curve through its successful configurations (sorted by MACs); the original model is a black star.
-Latency is plotted relative to the original timed in the same run (1 / speedup), beside the line where latency would
-fall in proportion to MACs: a point above that line has efficiency below 1.
+Each method (with its ``--round-to`` when the row set one) is one curve through its successful configurations (sorted
+by MACs); the original model is a black star. Latency is plotted relative to the original timed in the same run
+(1 / speedup), beside the line where latency would fall in proportion to MACs: a point above that line has
+efficiency below 1. Rows that quantised also get ``latency_by_precision-<model>.png``: fp32 and INT8 latency of the
+original and the compressed graphs against MACs, all relative to the fp32 original of the same run.
 Needs matplotlib (the ``bench`` extra); :mod:`benchmarks.run` checks for it before running anything.
 """
 
@@ -19,6 +21,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # after choosing the backend
 
 from ._child import default_file_mode
+from ._int8_render import has_int8, int8_batches
 from ._render import batches, by_model
 
 MARKERS = "osD^v<>Pp*hX"
@@ -44,7 +47,8 @@ def _curves(rows: list[dict[str, Any]], y_key: str) -> dict[str, tuple[list[floa
     curves: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if row.get(y_key) is not None:
-            curves.setdefault(row["method"], []).append((row["macs"] / 1e6, row[y_key]))
+            name = row["method"] + ("" if row.get("round_to") is None else f" r{row['round_to']}")
+            curves.setdefault(name, []).append((row["macs"] / 1e6, row[y_key]))
     return {m: ([x for x, _ in sorted(p)], [y for _, y in sorted(p)]) for m, p in curves.items()}
 
 
@@ -87,11 +91,47 @@ def plot_latency(rows: list[dict[str, Any]], model: str, suite: str, path: Path)
     return _save(fig, path)
 
 
+def _precision_panel(ax: Any, rows: list[dict[str, Any]], batch: int, precision: str) -> None:
+    """One panel: p50 / fp32 original p50 (same run) against MACs, for one precision; originals as stars."""
+    key = f"speedup_int8_b{batch}" if precision == "INT8" else f"speedup_b{batch}"
+    for i, (name, (x, y)) in enumerate(_curves([{**r, "rel": 1.0 / r[key]} for r in rows if r.get(key)],
+                                               "rel").items()):
+        ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], linestyle="none", label=name)
+    macs_orig = rows[0]["macs_orig"] / 1e6
+    origin = [1.0 / r[f"speedup_orig_int8_b{batch}"] for r in rows if r.get(f"speedup_orig_int8_b{batch}")]
+    level = 1.0 if precision == "fp32" else (sum(origin) / len(origin) if origin else None)
+    if level is not None:
+        ax.plot([0, macs_orig], [0, level], "k:", linewidth=1, label="proportional to MACs")
+        ax.plot([macs_orig], [level], "k*", markersize=12, label=f"original {precision}")
+    ax.set(xlabel="MACs per image (millions)", ylabel="p50 / fp32 original p50 (same run)",
+           title=f"{precision}, batch {batch}")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_precisions(rows: list[dict[str, Any]], model: str, suite: str, path: Path) -> Path:
+    """fp32 (top) and INT8 (bottom) latency against MACs, one column per batch size; the INT8 original is the
+    mean over the rows of its p50 relative to the fp32 original."""
+    sizes = int8_batches(rows) or [1]
+    fig, axes = plt.subplots(2, len(sizes), figsize=(5.2 * len(sizes), 8.0), squeeze=False, sharey="col")
+    for column, batch in enumerate(sizes):
+        for line, precision in enumerate(("fp32", "INT8")):
+            _precision_panel(axes[line][column], rows, batch, precision)
+    fig.suptitle(f"{model}: latency against MACs per precision ({suite} suite)")
+    return _save(fig, path)
+
+
 def plot_suite(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Both plots for every model of a stored suite that has at least one successful row."""
+    """The plots of every model of a stored suite that has at least one successful row (top-1 only where the
+    model's top-1 means something, per precision only where the rows quantised)."""
     suite = results["meta"]["suite"]
     written = []
     for model, rows in by_model([r for r in results["rows"] if r["status"] == "ok"]).items():
-        written.append(plot_top1(rows, model, suite, out_dir / f"top1_vs_macs-{model}.png"))
+        if any(r.get("top1_finetuned") is not None for r in rows):
+            written.append(plot_top1(rows, model, suite, out_dir / f"top1_vs_macs-{model}.png"))
         written.append(plot_latency(rows, model, suite, out_dir / f"latency_vs_macs-{model}.png"))
+        if has_int8(rows):
+            written.append(plot_precisions(rows, model, suite, out_dir / f"latency_by_precision-{model}.png"))
     return written

@@ -19,6 +19,8 @@ from ._child import atomic_write_text
 from ._suites import README_SUITES, SUITE_ORDER
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+PLOTS = (("top-1 against MACs", "top1_vs_macs"), ("latency against MACs", "latency_vs_macs"),
+         ("latency against MACs per precision", "latency_by_precision"))
 LEADING_COLUMNS = ("key", "model", "method", "target", "target_metric", "status", "error", "achieved",
                    "params_orig", "params", "macs_orig", "macs", "mac_reduction", "filters_orig", "filters",
                    "onnx_bytes_orig", "onnx_bytes", "top1_orig", "top1_pruned_stale_bn", "top1_pruned",
@@ -110,12 +112,18 @@ def duration(total: float | None) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
+def label(row: dict[str, Any]) -> str:
+    """The row's method, with its ``--round-to`` when the row set one (``l1`` r16)."""
+    align = row.get("round_to")
+    return f"`{row['method']}`" + ("" if align is None else f" r{align}")
+
+
 def target_label(row: dict[str, Any]) -> str:
     metric = row.get("target_metric") or "default"
     return f"{row['target']:g} of {'MACs' if metric == 'macs' else metric}"
 
 
-def _table(header: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"] + [
         "| " + " | ".join(r) + " |" for r in rows]
 
@@ -140,10 +148,10 @@ def _stage_time(row: dict[str, Any], keys: tuple[str, ...]) -> float | None:
 # -- the results page ----------------------------------------------------------------------------------------------
 
 def size_table(rows: list[dict[str, Any]]) -> list[str]:
-    body = [[f"`{r['method']}`", target_label(r), ratio(r["achieved"]), thousands(r["params"]), millions(r["macs"]),
+    body = [[label(r), target_label(r), ratio(r["achieved"]), thousands(r["params"]), millions(r["macs"]),
              ratio(r["mac_reduction"], "×"), thousands(r["filters"]), kib(r["onnx_bytes"]),
              pct(r.get("top1_pruned_stale_bn")), pct(r["top1_pruned"]), pct(r["top1_finetuned"])] for r in rows]
-    return _table(["method", "target", "achieved", "params", "MACs", "MAC reduction", "filters", "ONNX KiB",
+    return table(["method", "target", "achieved", "params", "MACs", "MAC reduction", "filters", "ONNX KiB",
                    "top-1 % compressed", "top-1 % BN recalibrated", "top-1 % fine-tuned"],
                   ["---", "---"] + ["---:"] * 9, body)
 
@@ -158,7 +166,7 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
     align += ["---:"] * (len(TIME_COLUMNS) + 2)
     body = []
     for r in rows:
-        cells = [f"`{r['method']}`", target_label(r)]
+        cells = [label(r), target_label(r)]
         for b in sizes:
             orig, comp = r.get(f"p50_ms_orig_b{b}"), r.get(f"p50_ms_b{b}")
             cells += ["n/a" if orig is None else f"{orig:.3f} → {comp:.3f}", ratio(r.get(f"speedup_b{b}"), "×"),
@@ -166,7 +174,7 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
         cells += [seconds(_stage_time(r, keys)) for _, keys in TIME_COLUMNS]
         cells += [seconds(r.get("wall_s")), f"{r['peak_rss_mib']:,.0f}"]
         body.append(cells)
-    return _table(header, align, body)
+    return table(header, align, body)
 
 
 def original_line(rows: list[dict[str, Any]]) -> str:
@@ -219,6 +227,8 @@ def invocations_lines(meta: dict[str, Any]) -> list[str]:
 
 
 def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir: Path) -> list[str]:
+    from . import _int8_render  # it builds on this module's helpers
+
     meta, rows = results["meta"], results["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
@@ -234,20 +244,23 @@ def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir:
              "- Data: " + "; ".join(f"{m}: `{d['checkpoint']}`, train `{d['train']}`, eval `{d['eval']}`"
                                     for m, d in meta.get("data", {}).items()) + "."]
     lines += [f"- Note: {note}." for note in meta.get("notes", [])]
+    if name == "deploy":
+        lines += [""] + _int8_render.targets_section(rows)
     for model, model_rows in by_model(rows).items():
         good = [r for r in model_rows if r["status"] == "ok"]
         lines += ["", f"### {name}: {model}", ""]
         if good:
             lines += [original_line(good), ""]
-            plots = [(label, suite_dir / f"{stem}-{model}.png") for label, stem in
-                     (("top-1 against MACs", "top1_vs_macs"), ("latency against MACs", "latency_vs_macs"))]
-            shown = [f"![{label}]({Path(os.path.relpath(p, docs_dir)).as_posix()})" for label, p in plots if p.exists()]
+            plots = [(what, suite_dir / f"{stem}-{model}.png") for what, stem in PLOTS]
+            shown = [f"![{what}]({Path(os.path.relpath(p, docs_dir)).as_posix()})" for what, p in plots if p.exists()]
             if shown:
                 lines += [" ".join(shown), ""]
             lines += size_table(good) + [""] + speed_table(good)
+            int8 = _int8_render.int8_tables(good)
+            lines += [""] + int8 if int8 else []
         bad = [r for r in model_rows if r["status"] != "ok"]
         if bad:
-            lines += ["", "Failed:", ""] + [f"- `{r['method']}` at {target_label(r)}: {r['error']}" for r in bad]
+            lines += ["", "Failed:", ""] + [f"- {label(r)} at {target_label(r)}: {r['error']}" for r in bad]
     return lines
 
 
@@ -274,9 +287,9 @@ def efficiency_section(stored: dict[str, dict[str, Any]], results_dir: Path) -> 
                 lines.append(f"| {study.get('threads') or 'default'} | {r['round_to']} | {kept:.1%} | "
                              f"{r['speedup_b1']:.2f}× | {r['speedup_b32']:.2f}× | {r['speedup_b1'] * kept:.2f} | "
                              f"{r['speedup_b32'] * kept:.2f} |")
-        rows = [(study.get("threads"), r) for study, _ in studies for r in study["rows"]]
-        best = max(rows, key=lambda tr: tr[1]["speedup_b1"] + tr[1]["speedup_b32"])
-        effs = [r[f"speedup_b{b}"] * r["macs_ratio"] for _, r in rows for b in (1, 32)]
+        pairs = [(study.get("threads"), r) for study, _ in studies for r in study["rows"]]
+        best = max(pairs, key=lambda tr: tr[1]["speedup_b1"] + tr[1]["speedup_b32"])
+        effs = [r[f"speedup_b{b}"] * r["macs_ratio"] for _, r in pairs for b in (1, 32)]
         lines += ["", (f"The largest speedup came at `--round-to {best[1]['round_to']}` ({best[0] or 'default'} "
                        f"thread(s): {best[1]['speedup_b1']:.2f}× at batch 1, {best[1]['speedup_b32']:.2f}× at 32); "
                        "onnxruntime's CPU convolutions work on blocks of 8 or 16 channels (NCHWc), so other counts "
@@ -340,7 +353,7 @@ def readme_block(name: str, results: dict[str, Any], link: str) -> str:
                  f"{pct(r['top1_pruned'])} → {pct(r['top1_finetuned'])}"]
                 + [ratio(r.get(f"speedup_b{b}"), "×") for b in sizes] + [ratio(r.get(f"efficiency_b{widest}"))]
                 for r in model_rows]
-        lines += _table(header, ["---", "---"] + ["---:"] * (len(header) - 2), body) + [""]
+        lines += table(header, ["---", "---"] + ["---:"] * (len(header) - 2), body) + [""]
     failed = len(rows) - len(ok)
     if failed:
         lines += [f"{failed} configuration(s) failed (e.g. a target the method cannot reach); see {link}.", ""]

@@ -49,6 +49,9 @@ from ._suites import MODELS, REPO, SHARED, SUITES, Config, Suite, data_root, fil
 RESULTS = REPO / "benchmarks" / "results"
 DOCS = REPO / "docs" / "RESULTS.md"
 README = REPO / "README.md"
+#: Budget fields added since results were first stored, with the value older runs had implicitly (``quantize``:
+#: the INT8 stage did not exist), so that ``--resume`` still matches their budget.
+LEGACY_BUDGET = {"quantize": "none"}
 BENCH_EXTRA = 'matplotlib is needed for the plots: pip install -e ".[bench]" (or pass --no-plots)'
 
 
@@ -130,8 +133,18 @@ def _checkpoint_overrides(items: list[str]) -> dict[str, Path]:
 
 
 def model_files(name: str, args: argparse.Namespace) -> tuple[dict[str, str], str | None]:
-    """The checkpoint and data of model ``name``, or a reason to skip it (a file is missing)."""
+    """The checkpoint and data of model ``name``, or a reason to skip it (a file or a package is missing).
+
+    A model without a checkpoint (random weights) on synthetic data has no files; it needs the package its
+    ``--arch`` factory imports (torchvision, see :mod:`benchmarks.torchvision_models`).
+    """
     spec = MODELS[name]
+    if spec.checkpoint is None:
+        from . import torchvision_models
+
+        if not torchvision_models.available():
+            return {}, f"{name}: torchvision is not installed ({torchvision_models.INSTALL})"
+        return {"checkpoint": "", "train": "", "eval": ""}, None
     root = data_root(spec.data, args.shared)
     shared_data = spec.data.root == "shared"
     files = {
@@ -145,6 +158,21 @@ def model_files(name: str, args: argparse.Namespace) -> tuple[dict[str, str], st
                     "eval": "--shared DIR or --eval-data"}[what]
             return {}, f"{name}: {what} {display_path(path)} not found (pass {hint})"
     return {k: str(Path(v).resolve()) for k, v in files.items()}, None
+
+
+def unsupported_round_to(configs: tuple[Config, ...]) -> dict[int | str, str]:
+    """A skip reason for each ``round_to`` of ``configs`` that this checkout's CompressConfig refuses (``auto``
+    before it exists)."""
+    from compressor.config import CompressConfig
+    from compressor.errors import InputError
+
+    reasons: dict[int | str, str] = {}
+    for value in dict.fromkeys(c.round_to for c in configs if c.round_to is not None):
+        try:
+            CompressConfig(round_to=value).validate()  # type: ignore[arg-type]  # "auto" where supported
+        except (InputError, TypeError, ValueError) as exc:
+            reasons[value] = f"--round-to {value}: not accepted by this checkout's CompressConfig ({exc})"
+    return reasons
 
 
 def method_metrics(methods: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -182,9 +210,16 @@ def make_job(config: Config, metric: str, files: dict[str, str], suite: Suite, t
     if threads is not None:
         budget["threads"] = threads
     method, options = resolve_method(config.method)
-    return {"key": config.key(metric), "model": config.model, "arch": spec.arch, "normalize": spec.data.normalize,
-            "method": config.method, "compress_method": method, "method_options": options,
-            "target": config.target, "metric": metric, "budget": budget, **files}
+    job = {"key": config.key(metric), "model": config.model, "arch": spec.arch, "normalize": spec.data.normalize,
+           "method": config.method, "compress_method": method, "method_options": options,
+           "target": config.target, "metric": metric, "budget": budget, **files}
+    if config.round_to is not None:
+        job["round_to"] = config.round_to
+    if spec.overrides:
+        job["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.overrides}
+    if spec.checkpoint is None:
+        job.update(latency_only=spec.latency_only, synthetic={"image_size": spec.data.image_size})
+    return job
 
 
 def run_config(job: dict[str, Any], timeout_s: int) -> dict[str, Any]:
@@ -260,7 +295,7 @@ def _previous_rows(path: Path, budget: dict[str, Any]) -> tuple[dict[str, dict[s
         return {}, []
     stored = json.loads(path.read_text())
     meta = stored.get("meta", {})
-    if meta.get("budget") != budget:
+    if {**LEGACY_BUDGET, **(meta.get("budget") or {})} != budget:
         print(f"--resume: {display_path(path)} used another budget; running every configuration", file=sys.stderr)
         return {}, []
     rows = {r["key"]: r for r in stored.get("rows", []) if r.get("status") == "ok"}
@@ -279,8 +314,23 @@ def _progress(i: int, n: int, row: dict[str, Any]) -> str:
         return f"{head} FAILED: {row['error']}"
     pct = _render.pct
     speed = " ".join(f"b{k[len('speedup_b'):]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_b"))
+    int8 = " ".join(f"b{k[len('int8_gain_b'):]} {row['speedup_int8_b' + k[len('int8_gain_b'):]]:.2f}x "
+                    f"(over INT8 original {v:.2f}x)" for k, v in row.items() if k.startswith("int8_gain_b"))
+    int8 = f", INT8 {int8}" if int8 else ""
     return (f"{head} top-1 {pct(row['top1_orig'])} -> {pct(row['top1_pruned'])} -> {pct(row['top1_finetuned'])}, "
-            f"MACs /{row['mac_reduction']:.2f}, speedup {speed}, {row['wall_s']:.0f} s, {row['peak_rss_mib']:.0f} MiB")
+            f"MACs /{row['mac_reduction']:.2f}, speedup {speed}{int8}, {row['wall_s']:.0f} s, "
+            f"{row['peak_rss_mib']:.0f} MiB")
+
+
+def _data_meta(model: str, files: dict[str, str]) -> dict[str, Any]:
+    """How a model's files appear in results.json: relative paths, or what a random-weight model is built from."""
+    spec = MODELS[model]
+    if spec.checkpoint is None:
+        size = spec.data.image_size
+        return {"checkpoint": f"random weights (seed of the budget) of --arch {display_path(str(spec.arch))}",
+                "train": f"seeded noise, {size}x{size}", "eval": "none (latency only)",
+                "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.overrides}}
+    return {k: display_path(v) for k, v in files.items()}
 
 
 def run_suite(suite: Suite, configs: tuple[Config, ...], args: argparse.Namespace, command: str) -> Path | None:
@@ -294,12 +344,13 @@ def run_suite(suite: Suite, configs: tuple[Config, ...], args: argparse.Namespac
         else:
             files[model] = found
     metrics, skipped = method_metrics(list(dict.fromkeys(c.method for c in configs)))
-    notes += [f"skipped {reason}" for reason in skipped.values()]
+    aligns = unsupported_round_to(configs)
+    notes += [f"skipped {reason}" for reason in [*skipped.values(), *aligns.values()]]
     for note in notes:
         print(note, file=sys.stderr)
     check_device(suite.budget.device)
     jobs = [make_job(c, c.metric or metrics[c.method], files[c.model], suite, args.threads)
-            for c in configs if c.model in files and c.method in metrics]
+            for c in configs if c.model in files and c.method in metrics and c.round_to not in aligns]
     if not jobs:
         print(f"skipped: nothing to run in suite {suite.name} (see above)", file=sys.stderr)
         return None
@@ -307,9 +358,9 @@ def run_suite(suite: Suite, configs: tuple[Config, ...], args: argparse.Namespac
     budget = jobs[0]["budget"]
     done, earlier = _previous_rows(out, budget) if args.resume else ({}, [])
     meta = {"suite": suite.name, "description": suite.description, "command": command, "budget": budget,
-            "timeout_s": suite.timeout_s, "notes": notes, "started": _now(),
+            "timeout_s": suite.timeout_s, "notes": [*suite.notes, *notes], "started": _now(),
             "git": _git_revision(), "machine": _machine(), "versions": _versions(), "complete": False,
-            "data": {m: {k: display_path(v) for k, v in f.items()} for m, f in files.items()}}
+            "data": {m: _data_meta(m, f) for m, f in files.items()}}
     this = {"command": command, "started": meta["started"], "git": meta["git"]}
     rows: list[dict[str, Any]] = []
     start, ran = time.perf_counter(), 0
@@ -377,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                           targets=_parse_targets(args.targets))
     if args.list:
         for c in configs:
-            print(f"{c.model} {c.method} {c.target:g} {c.metric or 'default'}")
+            align = "" if c.round_to is None else f" round-to {c.round_to}"
+            print(f"{c.model} {c.method} {c.target:g} {c.metric or 'default'}{align}")
         return 0
     if not configs:
         print(f"no configuration of suite {suite.name} matches --models/--methods/--targets", file=sys.stderr)

@@ -1,8 +1,8 @@
 """The benchmark harness (``python -m benchmarks.run``) end to end on the bundled sample: no ../shared, seconds.
 
 A tiny suite (two methods that succeed, one unreachable target, one unregistered method) runs through the real CLI
-entry point, one process per configuration; the test then checks every file it writes and re-renders them from the
-stored JSON alone.
+entry point, one process per configuration, quantising both graphs to INT8; the test then checks every file it
+writes (the INT8 columns included) and re-renders them from the stored JSON alone.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from benchmarks import _render
+from benchmarks import _int8_render, _render, torchvision_models
 from benchmarks import run as bench_run
-from benchmarks._suites import Budget, Config, Suite
+from benchmarks._suites import MODELS, Budget, Config, Suite
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 TINY = Suite(
     "tiny", "Two methods on the bundled sample",
     Budget(epochs=1, train_images=100, eval_images=100, batch_size=50, calib_samples=32, bench_batches=(1, 4),
-           bench_repeats=2),
+           bench_repeats=2, quantize="int8"),
     grid=(Config("samplenet", "l1", 0.4), Config("samplenet", "random", 0.4),
           Config("samplenet", "random", 0.97),  # unreachable with min_keep 0.1: a failed row, the suite goes on
           Config("samplenet", "no-such-method", 0.4)),  # not registered: skipped with a note
@@ -82,6 +82,28 @@ def test_rows_record_every_measure_and_the_failure(tiny_run: Path) -> None:
         assert row["peak_rss_mib"] > 50 and row["wall_s"] > 0 and len(row["load_1m"]) == 2
 
 
+def test_rows_carry_the_int8_columns(tiny_run: Path) -> None:
+    """Every quantised row holds the 2x2 (fp32/INT8 x original/compressed): bytes, top-1, p50 per batch, speed-ups
+    over the fp32 original, the INT8 gain, the format and the nodes kept float."""
+    for row in _stored(tiny_run)["rows"][:2]:
+        assert "U8" in row["int8_format"] or "S8" in row["int8_format"]
+        assert 0 < row["int8_bytes"] < row["onnx_bytes"] and 0 < row["int8_bytes_orig"] < row["onnx_bytes_orig"]
+        for suffix in ("", "_orig"):
+            assert 0.0 <= row[f"top1_int8{suffix}"] <= 1.0 and 0.0 <= row[f"int8_agreement{suffix}"] <= 1.0
+            assert row[f"int8_drop{suffix}"] == pytest.approx(row[f"top1_fp32_onnx{suffix}"]
+                                                             - row[f"top1_int8{suffix}"], abs=1e-6)
+            assert row[f"int8_drop{suffix}"] <= 0.01 + 1e-9  # the default --max-accuracy-drop, 1 point
+            assert isinstance(row[f"int8_float_nodes{suffix}"], list)
+        assert row["top1_fp32_onnx_orig"] == pytest.approx(row["top1_orig"], abs=0.011)  # ONNX vs PyTorch
+        for b in (1, 4):
+            fp32 = row[f"p50_ms_orig_b{b}"]
+            assert row[f"speedup_int8_b{b}"] == pytest.approx(fp32 / row[f"p50_ms_int8_b{b}"], rel=0.01)
+            assert row[f"speedup_orig_int8_b{b}"] == pytest.approx(fp32 / row[f"p50_ms_orig_int8_b{b}"], rel=0.01)
+            assert row[f"int8_gain_b{b}"] == pytest.approx(row[f"p50_ms_orig_int8_b{b}"] / row[f"p50_ms_int8_b{b}"],
+                                                           rel=0.01)
+        assert row["time_quantize"] > 0
+
+
 def test_csv_holds_the_same_rows(tiny_run: Path) -> None:
     rows = _stored(tiny_run)["rows"]
     with (tiny_run / "results" / "tiny" / "results.csv").open() as handle:
@@ -106,6 +128,8 @@ def test_results_page_and_readme_are_generated_from_the_rows(tiny_run: Path) -> 
         assert f"| `{row['method']}` | 0.4 of filters | {row['achieved']:.2f} |" in page
         assert f"{row['efficiency_b4']:.2f}" in page
     assert f"`random` at 0.97 of filters: {rows[2]['error']}" in page
+    assert "INT8 gain" in page and "top-1 % compressed fp32 → INT8" in page
+    assert f"{rows[0]['int8_gain_b4']:.2f}×" in page and f"| {rows[0]['int8_format']} |" in page
     assert "no-such-method: not registered" in page
     readme = (tiny_run / "README.md").read_text()
     head, block = readme.split("<!-- results:start -->")
@@ -115,7 +139,9 @@ def test_results_page_and_readme_are_generated_from_the_rows(tiny_run: Path) -> 
     assert f"{rows[0]['efficiency_b4']:.2f}" in block and "1 configuration(s) failed" in block
     plots = sorted(p.name for p in (tiny_run / "results" / "tiny").glob("*.png"))
     if HAS_MATPLOTLIB:
-        assert plots == ["latency_vs_macs-samplenet.png", "top1_vs_macs-samplenet.png"]
+        assert plots == ["latency_by_precision-samplenet.png", "latency_vs_macs-samplenet.png",
+                         "top1_vs_macs-samplenet.png"]
+        assert "](../results/tiny/latency_by_precision-samplenet.png)" in page
         assert "](../results/tiny/top1_vs_macs-samplenet.png)" in page
 
 
@@ -231,3 +257,94 @@ def test_efficiency_section_from_round_to_study_and_rows(tmp_path: Path) -> None
     assert "largest speedup came at `--round-to 8`" in text and "between 0.55 and 0.64" in text
     assert "| `l1` | 3 | 0.40 | 0.60 |" in text and "`cmi`" not in text  # medians of the ok rows only
     assert _render.efficiency_section({}, tmp_path / "absent") == []
+
+
+def test_stored_budgets_from_before_int8_still_resume(tmp_path: Path) -> None:
+    """Rows stored before ``Budget.quantize`` existed ran without INT8: they match ``quantize="none"`` only."""
+    path = tmp_path / "results.json"
+    budget = Budget(epochs=1, train_images=100).to_dict()
+    old = {k: v for k, v in budget.items() if k != "quantize"}
+    path.write_text(json.dumps({"meta": {"budget": old, "started": "t0"}, "rows": [{"key": "a", "status": "ok"}]}))
+    assert set(bench_run._previous_rows(path, budget)[0]) == {"a"}
+    assert bench_run._previous_rows(path, {**budget, "quantize": "int8"}) == ({}, [])
+
+
+def test_round_to_and_latency_only_jobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A row's ``round_to`` reaches compress and its key; a random-weight model compresses a saved seeded
+    initialisation of its ``--arch`` on seeded noise, with the model's overrides and without evaluation data."""
+    from benchmarks import _child
+    from benchmarks._suites import LATENCY_ONLY, NOISE224, ModelSpec
+
+    spec = ModelSpec("tinyrand", None, "samplenet", NOISE224, latency_only=True, overrides=LATENCY_ONLY)
+    monkeypatch.setitem(bench_run.MODELS, "tinyrand", spec)
+    suite = Suite("t", "t", Budget(epochs=1, train_images=None, threads=1, quantize="int8"),
+                  grid=(Config("tinyrand", "l1", 0.33, None, 16),))
+    job = bench_run.make_job(suite.grid[0], "filters", {"checkpoint": "", "train": "", "eval": ""}, suite, None)
+    assert job["key"] == "tinyrand-l1-filters-0.33-r16" and job["latency_only"]
+    seen: dict[str, Any] = {}
+
+    class _Stop(Exception):
+        pass
+
+    def fake_compress(model: Any, **kwargs: Any) -> None:
+        import torch
+
+        seen.update(kwargs, state=torch.load(model, weights_only=True))
+        raise _Stop
+
+    monkeypatch.setattr("compressor.compress", fake_compress)
+    monkeypatch.setitem(job, "synthetic", {"image_size": 32})  # samplenet takes 32x32 images
+    with pytest.raises(_Stop):
+        _child.run_job(job)
+    assert seen["round_to"] == 16 and seen["quantize"] == "int8" and seen["eval_data"] is None
+    assert seen["epochs"] == 0 and seen["bench_batches"] == (1,) and seen["max_accuracy_drop"] == 99.0
+    assert len(seen["data"]) == 64 and seen["data"].image_shape == (3, 32, 32) and seen["threads"] == 1
+    assert any(key.endswith("weight") for key in seen["state"])
+
+
+def test_unsupported_round_to_and_missing_torchvision_are_skipped_with_a_note(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    reasons = bench_run.unsupported_round_to((Config("resnet56", "l1", 0.33, None, 0),
+                                              Config("resnet56", "l1", 0.33, None, 16)))
+    assert list(reasons) == [0] and "--round-to 0: not accepted" in reasons[0]
+    monkeypatch.setattr(torchvision_models, "available", lambda: False)
+    files, reason = bench_run.model_files("resnet18", bench_run.parse_args(["--suite", "deploy"]))
+    assert files == {} and reason == f"resnet18: torchvision is not installed ({torchvision_models.INSTALL})"
+    assert "pip install --no-deps torchvision==0.28.0" in reason
+    assert MODELS["resnet18"].latency_only and MODELS["resnet18"].checkpoint is None
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_factories_build_through_arch(name: str) -> None:
+    """``--arch benchmarks/torchvision_models.py:<name>`` builds torchvision's model, beside a CPU-only torch."""
+    if not torchvision_models.available():
+        pytest.skip(f"torchvision is not installed: the deploy suite's 224x224 models need it "
+                    f"({torchvision_models.INSTALL})")
+    import torch
+
+    from compressor.io import resolve_arch
+
+    factory, shape = resolve_arch(f"{torchvision_models.__file__}:{name}")
+    assert shape is None  # read from the data, 224x224 in the deploy suite
+    model = getattr(torchvision_models, name)(num_classes=10).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+    assert sum(p.numel() for p in factory().parameters()) > 3_000_000  # 1000 classes by default
+
+
+def _target_row(key: str, model: str, **values: float) -> dict[str, Any]:
+    return {"key": key, "model": model, "status": "ok", "target_metric": "filters", **values}
+
+
+def test_targets_section_names_the_best_row_and_the_margin() -> None:
+    rows = [_target_row("r56-a", "resnet56", speedup_int8_b1=2.5, int8_gain_b1=1.2, int8_drop=0.003,
+                        int8_drop_orig=-0.001),
+            _target_row("r56-b", "resnet56", speedup_int8_b1=3.3, int8_gain_b1=1.1, int8_drop=0.008,
+                        int8_drop_orig=0.0),
+            _target_row("r18-a", "resnet18", int8_gain_b1=1.8)]
+    text = "\n".join(_int8_render.targets_section(rows))
+    assert "| `r56-b` | 3.30× | **met** | 110% of the target | 1 of 2 |" in text
+    assert "| `r56-a` | 1.20× | missed | 80% of the target | 0 of 2 |" in text
+    assert "| `r56-a` | 0.3 points | **met** | +0.2 points | 1 of 2 |" in text
+    assert "| `r18-a` | 1.80× | missed | 90% of the target | 0 of 1 |" in text
+    assert "no row yet" in "\n".join(_int8_render.targets_section([]))
