@@ -120,6 +120,7 @@ def plot_precisions(rows: list[dict[str, Any]], model: str, suite: str, path: Pa
         for line, precision in enumerate(("fp32", "INT8")):
             _precision_panel(axes[line][column], rows, batch, precision)
     fig.suptitle(f"{model}: latency against MACs per precision ({suite} suite)")
+    fig.subplots_adjust(hspace=0.3)
     return _save(fig, path)
 
 

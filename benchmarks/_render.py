@@ -179,9 +179,10 @@ def speed_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def original_line(rows: list[dict[str, Any]]) -> str:
     r = rows[0]
+    top1 = (f"{r.get('weights')} weights: latency only" if r.get("latency_only")
+            else f"top-1 {pct(r['top1_orig'])}%")
     return (f"Original: {thousands(r['params_orig'])} params, {millions(r['macs_orig'])} MACs, "
-            f"{thousands(r['filters_orig'])} filters, ONNX {kib(r['onnx_bytes_orig'])} KiB, "
-            f"top-1 {pct(r['top1_orig'])}%.")
+            f"{thousands(r['filters_orig'])} filters, ONNX {kib(r['onnx_bytes_orig'])} KiB, {top1}.")
 
 
 def budget_line(meta: dict[str, Any]) -> str:
@@ -210,6 +211,15 @@ def load_note(rows: list[dict[str, Any]]) -> str:
     if not loads:
         return ""
     return f"; 1-minute load average {min(loads):.1f} to {max(loads):.1f} during the run (wall times grow with it)"
+
+
+def data_line(model: str, data: dict[str, Any]) -> str:
+    """A model's checkpoint and data, and the budget options it overrides (random-weight models)."""
+    line = f"{model}: `{data['checkpoint']}`, train `{data['train']}`, eval `{data['eval']}`"
+    overrides = data.get("overrides")
+    if overrides:
+        line += " (instead of the budget's: " + ", ".join(f"{k} {v}" for k, v in overrides.items()) + ")"
+    return line
 
 
 def versions_line(meta: dict[str, Any]) -> str:
@@ -241,8 +251,7 @@ def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir:
              f"- Machine: {machine_line(meta)}{load_note(rows)}.",
              f"- Versions: {versions_line(meta)}.",
              f"- Budget, the same for every configuration: {budget_line(meta)}.",
-             "- Data: " + "; ".join(f"{m}: `{d['checkpoint']}`, train `{d['train']}`, eval `{d['eval']}`"
-                                    for m, d in meta.get("data", {}).items()) + "."]
+             "- Data: " + "; ".join(data_line(m, d) for m, d in meta.get("data", {}).items()) + "."]
     lines += [f"- Note: {note}." for note in meta.get("notes", [])]
     if name == "deploy":
         lines += [""] + _int8_render.targets_section(rows)

@@ -341,10 +341,10 @@ def test_targets_section_names_the_best_row_and_the_margin() -> None:
                         int8_drop_orig=-0.001),
             _target_row("r56-b", "resnet56", speedup_int8_b1=3.3, int8_gain_b1=1.1, int8_drop=0.008,
                         int8_drop_orig=0.0),
-            _target_row("r18-a", "resnet18", int8_gain_b1=1.8)]
+            _target_row("r18-a", "resnet18", int8_gain_b1=1.8, mac_reduction=2.2)]
     text = "\n".join(_int8_render.targets_section(rows))
-    assert "| `r56-b` | 3.30× | **met** | 110% of the target | 1 of 2 |" in text
-    assert "| `r56-a` | 1.20× | missed | 80% of the target | 0 of 2 |" in text
-    assert "| `r56-a` | 0.3 points | **met** | +0.2 points | 1 of 2 |" in text
-    assert "| `r18-a` | 1.80× | missed | 90% of the target | 0 of 1 |" in text
+    assert "| `r56-b` | n/a | 3.30× | **met** | 110% of the target | 1 of 2 |" in text
+    assert "| `r56-a` | n/a | 1.20× | missed | 80% of the target | 0 of 2 |" in text
+    assert "| `r56-a` | n/a | 0.3 points | **met** | +0.2 points | 1 of 2 |" in text
+    assert "| `r18-a` | 2.20× | 1.80× | missed | 90% of the target | 0 of 1 |" in text
     assert "no row yet" in "\n".join(_int8_render.targets_section([]))
