@@ -271,7 +271,7 @@ def load_compressed(path: str | os.PathLike[str], *, base: nn.Module | None = No
 
 
 # ----------------------------------------------------------------------------------------------------- atomic I/O
-def atomic_save(write: Callable[[Path], None], path: Path) -> Path:
+def atomic_save(write: Callable[[Path], object], path: Path) -> Path:
     """Run ``write(tmp)`` on a temp file beside ``path``, then rename it into place; no partial file on failure.
 
     The temp name is chosen here rather than by ``mkstemp`` so the final file gets the usual umask permissions.

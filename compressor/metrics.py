@@ -33,7 +33,7 @@ def layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
                 kh, kw = module.kernel_size
                 per_position = module.out_channels * (module.in_channels // module.groups) * kh * kw
                 macs[name] = macs.get(name, 0) + per_position * output.shape[-1] * output.shape[-2]
-            else:
+            elif isinstance(module, nn.Linear):
                 macs[name] = macs.get(name, 0) + module.in_features * module.out_features * (
                     output.numel() // output.shape[0] // module.out_features)
         return record
