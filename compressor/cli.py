@@ -22,6 +22,7 @@ from .commands import bench as bench_cmd
 from .commands import inspect as inspect_cmd
 from .commands import methods as methods_cmd
 from .commands.common import make_app, parse_ints, run_guarded, setup_logging
+from .errors import InputError
 from .methods import REGISTRY
 from .methods.chain import Chain
 from .options import OptionSpec
@@ -70,10 +71,12 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("target", float, 0.33, "Fraction of --target-metric to remove, in (0, 1). E.g. --target 0.33", METHOD),
     Flag("target_metric", Optional[str], None, "What --target counts: filters (conv output channels; default for "
          "pruning), params (default for factorisation) or macs. E.g. --target-metric macs", METHOD),
-    Flag("round_to", int, 8, "Keep channel counts at multiples of K where the target allows (1 = exact); when K is "
-         "too coarse for the target, some groups get K/2, K/4... onnxruntime runs convs in channel blocks: on an "
-         "AVX-512 CPU, ResNet-56 at --target 0.33 ran 1.33x faster with 8 vs 1.17x with 1 (batch 1, 1 thread; "
-         "benchmarks/round_to.py). E.g. --round-to 16", METHOD),
+    Flag("round_to", str, "auto", "Keep channel counts at multiples of K where the target allows (1 = exact; when K "
+         "is too coarse, some groups get K/2, K/4...). auto: prune at K = 1, 2, 4, 8, 16, 32 and keep the graph "
+         "measured fastest on what ships (INT8 or fp32, first --bench-batch, --threads); 8 when --bench-batch none. "
+         "Default because the best K differs by graph: ResNet-56 l1 0.33, batch 1, 1 thread: fp32 2.63x faster at 16 "
+         "vs 1.15x at 8, INT8 5.22x at 32 vs 4.18x at 8 (benchmarks/round_to_auto.py); it costs ~70-85 s on 2 CPUs "
+         "(cmi/mipp: scoring x6). E.g. --round-to 16", METHOD),
     Flag("min_keep", float, 0.1, "Each layer group keeps at least this fraction of its channels. E.g. --min-keep 0.1",
          METHOD),
     Flag("ignore_layer", Optional[list[str]], None, "Never prune the group of this layer (repeatable). E.g. "
@@ -171,6 +174,17 @@ def _batches(text: str) -> tuple[int, ...]:
     return parse_ints(text, flag="--bench-batch", example="1,32")
 
 
+def parse_round_to(text: Any) -> int | str:
+    """``--round-to``: ``auto`` or an integer (validated, >= 1, by the config); anything else is a one-line error."""
+    value = str(text).strip().lower()
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"--round-to must be an integer >= 1 or auto, e.g. --round-to 16; got {text!r}") from None
+
+
 def compress_command(**kw: Any) -> None:
     """Compress a trained PyTorch CNN into a smaller, faster, verified ONNX graph."""
     run_names = {f.name for f in RUN_FLAGS} | {"model"}
@@ -197,7 +211,7 @@ def _compress(kw: dict[str, Any], options: dict[str, Any], method_values: dict[s
     from .api import compress, default_out_dir
 
     options.update(bench_batches=_batches(kw["bench_batch"]), ignore_layers=tuple(kw["ignore_layer"] or ()),
-                   method_options=method_values)
+                   method_options=method_values, round_to=parse_round_to(kw["round_to"]))
     out = kw["out"] if kw["out"] is not None else default_out_dir(kw["model"], options["method"], options["target"])
     return compress(kw["model"], data=kw["data"], eval_data=kw["eval_data"], normalize=kw["normalize"], out=out,
                     command=sys.argv[1:], **options)

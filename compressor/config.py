@@ -27,10 +27,17 @@ class CompressConfig:
     target_metric : {"filters", "params", "macs"} or None
         ``filters`` counts output channels of all Conv2d layers; None means the method's default (``filters`` for
         pruning, ``params`` when a factorisation is involved).
-    round_to : int
-        Keep channel counts at multiples of this where the target allows (1 = no rounding). Default 8: onnxruntime's
-        CPU convolutions work in channel blocks, and unaligned counts waste most of the saved MACs (measured by
-        ``benchmarks/round_to.py``).
+    round_to : int or "auto"
+        Keep channel counts at multiples of this where the target allows (1 = no rounding; too coarse for the target,
+        some groups get half, a quarter...). ``"auto"`` (default): prune at 1, 2, 4, 8, 16 and 32 (below the widest
+        group) and keep the pruned graph measured fastest on the graph the run ships (INT8 when it quantises, else
+        fp32), at the first of ``bench_batches`` on the benchmark's threads (:mod:`compressor.widths`); without
+        ``bench_batches`` nothing is timed and it is 8. Why the default: onnxruntime's CPU convolutions work in
+        channel blocks and the best block differs by graph: on ResNet-56 ``l1`` 0.33 (``benchmarks/round_to_auto.py``)
+        16 was fastest in fp32 (batch 1: 2.63x the fp32 original vs 1.15x at 8) and 32 in INT8 (5.22x vs 4.18x at 8;
+        INT8 of the original: 4.49x), in every run at batch 1 and 32, 1 and default threads. It costs the candidate
+        builds and timing: +70 s (fp32) / +85 s (INT8) for ResNet-56 on 2 busy CPUs, and ``cmi``/``mipp`` score once
+        per candidate; pass an integer (e.g. 16 for fp32) to skip it.
     min_keep : float
         Each group keeps at least ``ceil(min_keep * C)`` channels (and at least one).
     ignore_layers : tuple of str
@@ -68,7 +75,7 @@ class CompressConfig:
     method: str = "l1"
     target: float = 0.33
     target_metric: str | None = None
-    round_to: int = 8
+    round_to: int | str = "auto"
     min_keep: float = 0.1
     ignore_layers: tuple[str, ...] = ()
     calib_samples: int = 256
@@ -98,7 +105,8 @@ class CompressConfig:
              f"--target must be a fraction in the open interval (0, 1), e.g. 0.33; got {self.target}"),
             (self.target_metric is None or self.target_metric in METRICS,
              f"--target-metric must be one of {', '.join(METRICS)}; got {self.target_metric!r}"),
-            (self.round_to >= 1, f"--round-to must be >= 1; got {self.round_to}"),
+            (self.round_to == "auto" or (type(self.round_to) is int and self.round_to >= 1),
+             f"--round-to must be an integer >= 1 or auto (widths chosen by measured latency); got {self.round_to!r}"),
             (0.0 < self.min_keep < 1.0, f"--min-keep must be in (0, 1); got {self.min_keep}"),
             (self.calib_samples >= 1, f"--calib-samples must be >= 1; got {self.calib_samples}"),
             (self.bn_recalib >= 0, f"--bn-recalib must be >= 0 (0 = off); got {self.bn_recalib}"),

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import models
+from . import models, widths
 from .config import CompressConfig
 from .errors import DataError, InputError
 from .io import LoadedModel, load_model
@@ -179,9 +179,20 @@ def method_context(original: nn.Module, prepared: Prepared, cfg: CompressConfig,
     budget = Budget(cfg.target, cfg.target_metric or method.default_metric, cfg.round_to, cfg.min_keep,
                     tuple(cfg.ignore_layers))
     train = prepared.loader(cfg, train=True) if prepared.train is not None else None
+    latency = latency_measure(prepared, cfg) if cfg.round_to == widths.AUTO and cfg.bench_batches else None
     return MethodContext(example=prepared.example, num_classes=prepared.num_classes, device=device, seed=cfg.seed,
                          budget=budget, original=original, calib=prepared.calib, train=train, epochs=cfg.epochs,
-                         threads=cfg.threads)
+                         threads=cfg.threads, latency=latency)
+
+
+def latency_measure(prepared: Prepared, cfg: CompressConfig) -> widths.OnnxLatency:
+    """How ``--round-to auto`` times the candidate widths: on the graph the run ships (INT8 when the INT8 stage runs,
+    else fp32), at the first ``--bench-batch``, on the benchmark's onnxruntime threads. A run without
+    ``--bench-batch`` times nothing (:func:`method_context` passes no measure: ``auto`` is then 8)."""
+    calib = [x.numpy() for x, _ in prepared.calib] if prepared.quantizes(cfg) else None
+    batch = cfg.bench_batches[0] if cfg.bench_batches else 1
+    return widths.OnnxLatency(prepared.example, batch=batch, threads=ThreadPolicy(cfg.threads).onnxruntime(),
+                              calib=calib, repeats=cfg.bench_repeats, seed=cfg.seed)
 
 
 def compress_model(original: nn.Module, method: Method, prepared: Prepared, cfg: CompressConfig,

@@ -32,12 +32,13 @@ METRICS = ("filters", "params", "macs")
 @dataclass(frozen=True)
 class Budget:
     """How a target is met: the fraction ``target`` of ``metric`` removed; pruning keeps channel counts at multiples of
-    ``round_to`` where the target allows, and at least ``ceil(min_keep * C)`` channels per group; groups of
-    ``ignore_layers`` are never touched."""
+    ``round_to`` where the target allows (``"auto"``: the multiple whose pruned graph is measured fastest, see
+    :mod:`compressor.widths` and ``MethodContext.latency``), and at least ``ceil(min_keep * C)`` channels per group;
+    groups of ``ignore_layers`` are never touched."""
 
     target: float
     metric: str = "filters"
-    round_to: int = 8
+    round_to: int | str = 8
     min_keep: float = 0.1
     ignore_layers: tuple[str, ...] = ()
 
@@ -64,6 +65,9 @@ class MethodContext:
         Fine-tuning epochs that will follow (methods that act during training need at least one).
     threads : int or None
         The user's ``--threads`` (for methods that time candidates in onnxruntime).
+    latency : callable or None
+        With ``budget.round_to == "auto"``: times candidate models, ``{alignment: model} -> {alignment: p50 ms}``, on
+        the graph the run ships (:class:`compressor.widths.OnnxLatency`); None: nothing is timed, ``auto`` means 8.
     """
 
     example: torch.Tensor
@@ -76,6 +80,7 @@ class MethodContext:
     train: Any = None
     epochs: int = 0
     threads: int | None = None
+    latency: Callable[[Mapping[int, nn.Module]], Mapping[int, float]] | None = None
 
 
 @dataclass

@@ -4,7 +4,9 @@ A pruning method only decides *which* channels matter: :meth:`PruneMethod.score`
 every group (higher = keep) and, optionally, its own keep counts (information-based cutoffs choose them). The rest is
 common and lives here: the torch-pruning dependency graph and groups (:mod:`compressor.pruning.engine`), the budget
 search that turns scores into keep counts meeting the target (:mod:`compressor.pruning.budget`), the physical
-removal on a copy with a check after each group, and the replay record (torch-pruning's pruning history).
+removal on a copy with a check after each group, and the replay record (torch-pruning's pruning history). With
+``round_to="auto"`` the allocation and removal run at every candidate alignment and the pruned graph measured
+fastest is kept (:mod:`compressor.widths`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import InputError
+from .. import widths
+from ..errors import InputError, PruningError
+from ..metrics import count_macs
 from ..pruning import engine
 from ..pruning.budget import aligned_to
 from ..pruning.engine import PruningGroup
@@ -73,18 +77,33 @@ class PruneMethod(Method):
         groups = engine.discover_groups(model, graph, ignore=budget.ignore_layers)
         if not groups:
             raise InputError("the model has no prunable channel groups (no Conv2d/Linear feeding another layer)")
-        scoring = ScoringContext(model=model, graph=graph, groups=groups, example_input=example,
+        if budget.round_to == widths.AUTO:
+            return self._apply_auto(model, ctx, graph, groups)
+        round_to = int(budget.round_to)
+        scored, seconds = self._score(model, ctx, graph, groups, round_to)
+        return self._prune(model, ctx, groups, scored, seconds, round_to)
+
+    def _score(self, model: nn.Module, ctx: MethodContext, graph: tp.DependencyGraph,
+               groups: Sequence[PruningGroup], round_to: int) -> tuple[Scores, float]:
+        """:meth:`score` with the budget at alignment ``round_to``, and the seconds it took."""
+        budget = ctx.budget
+        scoring = ScoringContext(model=model, graph=graph, groups=groups, example_input=ctx.example,
                                  target=budget.target, metric=budget.metric, device=ctx.device, seed=ctx.seed,
-                                 calib=ctx.calib, num_classes=ctx.num_classes, round_to=budget.round_to,
+                                 calib=ctx.calib, num_classes=ctx.num_classes, round_to=round_to,
                                  min_keep=budget.min_keep)
         start = time.perf_counter()
         scored = self.score(scoring)
-        seconds = time.perf_counter() - start
+        return scored, time.perf_counter() - start
+
+    def _prune(self, model: nn.Module, ctx: MethodContext, groups: Sequence[PruningGroup], scored: Scores,
+               seconds: float, round_to: int) -> MethodResult:
+        """Keep counts (the method's, else the uniform allocation at ``round_to``), physical removal on a copy, the
+        report section and the replay record."""
+        budget, example = ctx.budget, ctx.example
         keep, allocation = scored.keep, None
         if keep is None:
             allocation = engine.allocate_uniform(model, example, groups, scored.scores, target=budget.target,
-                                                 metric=budget.metric, min_keep=budget.min_keep,
-                                                 round_to=budget.round_to)
+                                                 metric=budget.metric, min_keep=budget.min_keep, round_to=round_to)
             keep = allocation.keep
         pruned = copy.deepcopy(model)
         pruned_graph = engine.build_graph(pruned, example)
@@ -93,13 +112,59 @@ class PruneMethod(Method):
             engine.apply_keep(pruned, pruned_graph, groups, scored.scores, keep,
                               check=_output_check(example, reference))
         report = {"scorer": self.name, "prune_target": budget.target, "scoring_seconds": round(seconds, 4),
-                  "groups": [_group_row(g, int(keep[g.root]), budget.round_to) for g in groups]}
+                  "groups": [_group_row(g, int(keep[g.root]), round_to) for g in groups]}
         if allocation is not None:
             report["allocation"] = allocation.summary()
         if scored.report:
             report[self.name] = scored.report
         record = {"kind": "prune", "history": [list(step) for step in pruned_graph.pruning_history()]}
         return MethodResult(pruned.eval(), [record], report)
+
+    def _apply_auto(self, model: nn.Module, ctx: MethodContext, graph: tp.DependencyGraph,
+                    groups: Sequence[PruningGroup]) -> MethodResult:
+        """``round_to="auto"``: prune at every candidate alignment and keep the one measured fastest by
+        ``ctx.latency`` (:func:`compressor.widths.choose_alignment`).
+
+        Scores are computed once and only the allocation and removal are repeated per candidate, unless the method
+        chose its own keep counts in :meth:`score` (``cmi``, ``mipp``: their budget search runs at the alignment):
+        then :meth:`score` runs once per candidate with that alignment, so their scoring time is multiplied by the
+        number of candidates (6 for groups wider than 32 channels); the report's ``alignment.seconds.build`` says
+        what it cost. Without ``ctx.latency`` nothing is timed and the alignment is :data:`compressor.widths.UNTIMED`.
+        """
+        if ctx.latency is None:  # nothing to time on: the fixed fallback, exactly as --round-to 8
+            scored, seconds = self._score(model, ctx, graph, groups, widths.UNTIMED)
+            result = self._prune(model, ctx, groups, scored, seconds, widths.UNTIMED)
+            result.report["alignment"] = {"chosen": widths.UNTIMED, "timed": False, "candidates": []}
+            return result
+        measure = ctx.latency
+        total = engine.measure(model, ctx.example, ctx.budget.metric)
+        scorings: list[tuple[Scores, float]] = []
+        failed: dict[int, PruningError] = {}
+
+        def build(k: int) -> widths.Built | None:
+            try:
+                if not scorings or scorings[0][0].keep is not None:
+                    scorings.append(self._score(model, ctx, graph, groups, k))
+                scored, seconds = scorings[-1]
+                result = self._prune(model, ctx, groups, scored, seconds, k)
+            except PruningError as exc:
+                failed[k] = exc
+                return None
+            achieved = 1.0 - engine.measure(result.model, ctx.example, ctx.budget.metric) / total
+            key = (id(scored), tuple(row["keep"] for row in result.report["groups"]))
+            return widths.Built(result.model, achieved, count_macs(result.model, ctx.example), key, result)
+
+        try:
+            choice = widths.choose_alignment(widths.candidate_alignments([g.channels for g in groups]), build,
+                                             measure)
+        except PruningError:
+            if not failed:
+                raise
+            raise failed[min(failed)] from None  # the finest alignment's reason, with its advice
+        result: MethodResult = choice.built.result
+        describe = getattr(measure, "describe", None)
+        result.report["alignment"] = choice.section(timed=True, **(describe() if callable(describe) else {}))
+        return result
 
 
 def _group_row(group: PruningGroup, keep: int, round_to: int) -> dict[str, Any]:
