@@ -204,7 +204,8 @@ def test_existing_outputs_need_overwrite(model_file: Path, data_file: Path, tmp_
 
 
 def test_default_out_is_a_new_folder_beside_the_model(model_file: Path, data_file: Path) -> None:
-    result = invoke(model_file, "--eval-data", data_file, "--bench-batch", "1", "--bench-repeats", "3")
+    result = invoke(model_file, "--eval-data", data_file, "--bench-batch", "1", "--bench-repeats", "3",
+                    "--round-to", "8")
     assert result.exit_code == 0, result.output
     out = model_file.parent / "net-l1-0.33"
     assert (out / "compressed.onnx").exists() and (out / "report.json").exists()
