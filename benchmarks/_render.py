@@ -196,7 +196,8 @@ def budget_line(meta: dict[str, Any]) -> str:
     sizes = ", ".join(map(str, b["bench_batches"]))
     return (f"fine-tuning {epochs} on {images}, SGD lr {b['lr']:g} with a cosine schedule, batch "
             f"{b['batch_size']}, device {b['device']}, seed {b['seed']}; {b['calib_samples']} calibration images; "
-            f"top-1 on {evaluated}; onnxruntime p50 over {b['bench_repeats']} repeats at batch {sizes}, {threads}")
+            f"top-1 on {evaluated}; onnxruntime p50 over {b['bench_repeats']} repeats at batch {sizes}, {threads}"
+            + ("" if b.get("quantize", "none") == "none" else f"; INT8 of both graphs (--quantize {b['quantize']})"))
 
 
 def machine_line(meta: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.run --suite smoke             # ResNet-20, a few configurations, minutes
     python -m benchmarks.run --suite cpu               # ResNet-20 and ResNet-56, every method and target
     python -m benchmarks.run --suite gpu               # the same grid with 30 epochs on CUDA
+    python -m benchmarks.run --suite deploy --resume   # fp32 and INT8, ResNet-56 and torchvision models at 224
     python -m benchmarks.run --render-only             # rebuild CSV, plots, docs/RESULTS.md, README from the JSON
     python -m benchmarks.run --suite cpu --models resnet56 --methods l1 --targets 0.5:macs --results-dir /tmp/b
 
@@ -101,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     args = parser.parse_args(argv)
     if not args.render_only and args.suite is None:
-        parser.error("--suite is required (smoke, cpu, gpu or sample), unless --render-only")
+        parser.error(f"--suite is required ({', '.join(sorted(SUITES))}), unless --render-only")
     return args
 
 
