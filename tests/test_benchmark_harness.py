@@ -347,4 +347,5 @@ def test_targets_section_names_the_best_row_and_the_margin() -> None:
     assert "| `r56-a` | n/a | 1.20× | missed | 80% of the target | 0 of 2 |" in text
     assert "| `r56-a` | n/a | 0.3 points | **met** | +0.2 points | 1 of 2 |" in text
     assert "| `r18-a` | 2.20× | 1.80× | missed | 90% of the target | 0 of 1 |" in text
+    assert "| `r56-b` | n/a | 3.30× | 1.10× ✗ | 0.8 points ✗ | no |" in text  # the targets together
     assert "no row yet" in "\n".join(_int8_render.targets_section([]))
