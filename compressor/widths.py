@@ -146,7 +146,7 @@ def choose_alignment(candidates: Sequence[int], build: Callable[[int], Built | N
     if not ready:
         raise PruningError(f"the target cannot be met at any alignment of {', '.join(map(str, built))}")
     timed = time.perf_counter()
-    first = {}  # one model per distinct graph
+    first: dict[Any, int] = {}  # one model per distinct graph
     for k, b in ready.items():
         first.setdefault(b.key if b.key is not None else ("candidate", k), k)
     latency = measure({k: ready[k].model for k in first.values()})

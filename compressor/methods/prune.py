@@ -161,10 +161,10 @@ class PruneMethod(Method):
             if not failed:
                 raise
             raise failed[min(failed)] from None  # the finest alignment's reason, with its advice
-        result: MethodResult = choice.built.result
+        chosen: MethodResult = choice.built.result
         describe = getattr(measure, "describe", None)
-        result.report["alignment"] = choice.section(timed=True, **(describe() if callable(describe) else {}))
-        return result
+        chosen.report["alignment"] = choice.section(timed=True, **(describe() if callable(describe) else {}))
+        return chosen
 
 
 def _group_row(group: PruningGroup, keep: int, round_to: int) -> dict[str, Any]:
