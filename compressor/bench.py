@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from exporters import BenchmarkResult, benchmark_latency
 
 from .errors import InputError
+from .onnxfile import graph_inputs, read_onnx
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -104,19 +105,8 @@ def read_input_shape(path: str | os.PathLike[str]) -> tuple[int, ...]:
     >>> read_input_shape("runs/r56-l1/compressed.onnx")  # doctest: +SKIP
     (3, 32, 32)
     """
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"ONNX file not found: {path}" if not path.exists() else f"not a file: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, RuntimeWarning, ... on non-ONNX bytes
-        raise InputError(f"{path} is not an ONNX model ({type(exc).__name__})") from None
-    if proto.ir_version < 1 or not proto.graph.node:
-        raise InputError(f"{path} is not an ONNX model (no graph)")
-    weights = {init.name for init in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in weights]
+    path, proto = read_onnx(path)
+    inputs = graph_inputs(proto)
     if len(inputs) != 1:
         raise InputError(f"{path} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); bench needs one")
     dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"

@@ -52,6 +52,7 @@ from exporters.runtime import describe_error, import_onnxruntime
 
 from .errors import InputError, ValidationError
 from .io import atomic_save
+from .onnxfile import graph_inputs, read_onnx
 
 __all__ = ["ACTIVATIONS", "CALIBRATIONS", "DEFAULT_FORMAT", "QUANTISABLE_OPS", "Int8Format", "Int8Result", "agreement",
            "choose_format", "node_sensitivity", "onnx_top1", "quantize_int8", "quantize_verified"]
@@ -130,17 +131,8 @@ class Int8Result:
 
 def _check_onnx(path: str | Path) -> Path:
     """An existing ONNX file with one float input, else a one-line :class:`InputError`."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"ONNX file not found: {path}" if not path.exists() else f"not a file: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, RuntimeWarning, ... on non-ONNX bytes
-        raise InputError(f"{path} is not an ONNX model ({type(exc).__name__})") from None
-    weights = {init.name for init in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in weights]
+    path, proto = read_onnx(path)
+    inputs = graph_inputs(proto)
     if not proto.graph.node or len(inputs) != 1:
         raise InputError(f"{path} is not an ONNX graph with one input (found {len(inputs)} inputs)")
     return path
