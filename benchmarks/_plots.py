@@ -108,7 +108,6 @@ def _precision_panel(ax: Any, rows: list[dict[str, Any]], batch: int, precision:
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
 
 
 def plot_precisions(rows: list[dict[str, Any]], model: str, suite: str, path: Path) -> Path:
@@ -121,6 +120,10 @@ def plot_precisions(rows: list[dict[str, Any]], model: str, suite: str, path: Pa
             _precision_panel(axes[line][column], rows, batch, precision)
     fig.suptitle(f"{model}: latency against MACs per precision ({suite} suite)")
     fig.subplots_adjust(hspace=0.3)
+    handles = {}  # one legend beside the panels, so that it hides no point
+    for ax in axes.flat:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(0.92, 0.5), fontsize="small")
     return _save(fig, path)
 
 
