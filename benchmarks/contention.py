@@ -18,21 +18,28 @@ contended measurement (it also stops itself after ``--cap`` + 10 minutes).
 
 Reported per (model, task, setting): seconds quiet and contended, the process CPU seconds (CPU above wall x threads
 means threads spinning while they wait), ``slowdown = contended / quiet`` against the goal of under 2x. A measurement
-still running after ``--cap`` seconds is stopped: its seconds are ``null``, ``seconds_at_least`` gives the elapsed time
-and the slowdown is a lower bound (``"bound": "at_least"``). Each measurement runs in a fresh process (imports and data
-loading untimed) and records the machine's 1-minute load average and the cores busy with other processes over the
-second before it starts (the load average lags: after a contended measurement it stays high for a minute), and
-``others_during``: the CPUs used by processes other than the measuring one and the competitor over its lifetime (the
-machine is shared: a quiet row with ``others_during`` well above 0 was not quiet). Before each quiet measurement the
-script waits up to ``--wait-quiet`` seconds (30) for fewer than 0.3 CPUs to be busy (``waited_s``).
+still running at its cap (``cap_s``: ``--cap`` seconds, 180, for a quiet one; for a contended one 3x its quiet
+seconds, at least 30 and at most ``--cap``: a 3x slowdown already misses the goal) is stopped: its seconds are
+``null``, ``seconds_at_least`` gives the time it had run (for scoring: the whole ``compress()`` call, export
+included, as the cap covers the call) and the slowdown is a lower bound (``"bound": "at_least"``) against the quiet
+run's time for the same span.
+Each measurement runs in a fresh process (imports and data loading untimed) and records the machine's 1-minute load
+average and the CPUs busy over the second before it starts (the load average lags: after a contended measurement it
+stays high for a minute), and ``others_during``: the CPUs used by processes other than the measuring one and the
+competitor over its lifetime (the machine is shared: a quiet row with ``others_during`` well above 0 was not quiet).
+Before each quiet measurement the script waits up to ``--wait-quiet`` seconds (10) for fewer than 0.3 CPUs to be busy
+(``waited_s``).
 
 Usage::
 
-    python -m benchmarks.contention                    # ResNet-20 and ResNet-56, ~10 min on 2 cores
-    python -m benchmarks.contention --quick            # ResNet-20 only, ~3 min
-    python -m benchmarks.contention --model resnet56 --tasks mipp --cap 300
+    python -m benchmarks.contention                             # cmi and mipp on ResNet-20 and ResNet-56
+    python -m benchmarks.contention --quick                     # ResNet-20 only
+    python -m benchmarks.contention --tasks train,evaluate      # the probed stages (SGD steps, forward passes)
+    python -m benchmarks.contention --model resnet56 --tasks mipp --cap 400
 
-Writes ``benchmarks/results/contention.json`` (``--model``/``--quick``: ``contention-<model>.json``; or ``--out``).
+Writes ``benchmarks/results/contention.json`` for the default run; other runs add the model and tasks to the name
+(``contention-resnet20.json``, ``contention-train-evaluate.json``), or ``--out``. Durations on 2 CPUs: the
+default run 18.6 min, ``--tasks train,evaluate`` 5.4 min.
 """
 
 from __future__ import annotations
@@ -60,10 +67,12 @@ MODELS = {"resnet20": "models/cifar10-resnet/resnet20-12fca82f.th",
           "resnet56": "models/cifar10-resnet/resnet56-4bfd9763.th"}
 TRAIN = "data/cifar10/train.npz"
 TASKS = ("cmi", "mipp", "train", "evaluate")
+DEFAULT_TASKS = ("cmi", "mipp")
 STAGE_OF = {"cmi": "score", "mipp": "score", "train": "train", "evaluate": "evaluate"}
 STEPS = {"train": {"resnet20": 8, "resnet56": 3}, "evaluate": {"resnet20": 8, "resnet56": 3}}
 BATCH = {"train": 128, "evaluate": 250}
 GOAL = 2.0
+CAP_FACTOR = 3.0
 ROW_KEYS = ("model", "task", "stage", "setting", "roles", "condition", "threads", "seconds", "seconds_at_least",
             "cpu_seconds", "load_1min", "others_busy_cores", "others_during", "timed_out")
 COMPETITOR = """
@@ -85,21 +94,24 @@ while time.monotonic() < deadline:
 def slowdown(quiet: dict[str, Any], contended: dict[str, Any]) -> dict[str, Any]:
     """``contended / quiet`` seconds of one (model, task, setting), rounded to 2 decimals.
 
-    A contended run stopped at the cap gives a lower bound (``bound="at_least"``, from ``seconds_at_least``); a quiet
-    run that did not finish gives no ratio (``slowdown=None``).
+    A contended run stopped at its cap gives a lower bound (``bound="at_least"``): the time it had run over the quiet
+    run's time for the same span (for scoring the whole ``compress()`` call, ``wall_seconds_call``, since the cap
+    covers the call). A run that did not finish quiet, or failed, gives no ratio.
 
     >>> slowdown({"seconds": 10.0}, {"seconds": 15.0})
     {'slowdown': 1.5, 'bound': 'exact', 'meets_goal': True}
-    >>> slowdown({"seconds": 10.0}, {"seconds": None, "seconds_at_least": 120.0})
-    {'slowdown': 12.0, 'bound': 'at_least', 'meets_goal': False}
+    >>> slowdown({"seconds": 10.0, "wall_seconds_call": 12.0}, {"seconds": None, "seconds_at_least": 120.0})
+    {'slowdown': 10.0, 'bound': 'at_least', 'meets_goal': False}
     """
     q = quiet.get("seconds")
     if not q:
         return {"slowdown": None, "bound": None, "meets_goal": None}
     if contended.get("seconds") is not None:
         ratio, bound = contended["seconds"] / q, "exact"
+    elif contended.get("seconds_at_least") is not None:
+        ratio, bound = contended["seconds_at_least"] / (quiet.get("wall_seconds_call") or q), "at_least"
     else:
-        ratio, bound = contended["seconds_at_least"] / q, "at_least"
+        return {"slowdown": None, "bound": None, "meets_goal": None}
     ratio = round(ratio, 2)
     known = bound == "exact" or ratio >= GOAL  # a lower bound under the goal says nothing
     return {"slowdown": ratio, "bound": bound, "meets_goal": ratio < GOAL if known else None}
@@ -108,8 +120,8 @@ def slowdown(quiet: dict[str, Any], contended: dict[str, Any]) -> dict[str, Any]
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per model and task: each setting's threads, quiet and contended seconds and slowdown, and which is which.
 
-    ``{model: {task: {setting: {threads, quiet_s, contended_s, slowdown, bound, meets_goal, roles},
-    "old": <torch_default's setting>, "policy": <the policy's setting>}}}``.
+    ``{model: {task: {"settings": {setting: {threads, quiet_s, contended_s, slowdown, bound, meets_goal, roles}},
+    "before": <torch_default's setting>, "after": <the policy's setting>}}}``.
     """
     cells: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
     for row in rows:
@@ -124,9 +136,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "contended_s": contended and (contended["seconds"] or contended["seconds_at_least"])}
         if quiet and contended:
             entry.update(slowdown(quiet, contended))
-        cell = summary.setdefault(model, {}).setdefault(task, {})
-        cell[setting] = entry
-        for role, name in (("torch_default", "old"), ("policy", "policy")):
+        cell = summary.setdefault(model, {}).setdefault(task, {"settings": {}})
+        cell["settings"][setting] = entry
+        for role, name in (("torch_default", "before"), ("policy", "after")):
             if role in entry["roles"]:
                 cell[name] = setting
     return summary
@@ -152,7 +164,7 @@ def settings_for(policy: int | None, torch_default: int) -> dict[str, dict[str, 
 
 def check_payload(payload: dict[str, Any]) -> None:
     """Raise ``ValueError`` unless ``payload`` has the results file's shape (top-level keys, row keys)."""
-    missing = {"benchmark", "goal", "settings", "machine", "rows", "summary"} - set(payload)
+    missing = {"benchmark", "goal", "command", "settings", "machine", "rows", "summary"} - set(payload)
     if missing:
         raise ValueError(f"results lack {sorted(missing)}")
     for row in payload["rows"]:
@@ -168,9 +180,10 @@ def _arm_cap(task: dict[str, Any], threads: int | None) -> threading.Timer:
     """Start the cap: after ``task["cap"]`` seconds print a timed-out result and end the process at once."""
     started = time.perf_counter()
 
-    def give_up() -> None:
-        print("result " + json.dumps({"timed_out": True, "threads": threads,
-                                      "seconds_at_least": round(time.perf_counter() - started, 1)}), flush=True)
+    def give_up() -> None:  # os.write: the ONNX export redirects sys.stdout while it runs
+        line = json.dumps({"timed_out": True, "threads": threads,
+                           "seconds_at_least": round(time.perf_counter() - started, 1)})
+        os.write(1, f"result {line}\n".encode())
         os._exit(0)
 
     timer = threading.Timer(task["cap"], give_up)
@@ -309,29 +322,39 @@ def _measure(task: dict[str, Any], neighbour: subprocess.Popen | None) -> dict[s
     for line in done.stdout.splitlines():
         if line.startswith("result "):
             return {**json.loads(line[len("result "):]), "others_during": during}
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"timed_out": False, "seconds": None, "error": tail, "others_during": during}
+    tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}, no output"])[-1]
+    return {"timed_out": False, "seconds": None, "threads": task["threads"], "error": tail, "others_during": during}
 
 
-def pre_seconds(row: dict[str, Any] | None) -> float:
-    """Seconds a ``compress()`` call spends before its ``compress`` stage (``load``, ``evaluate_original``).
+def default_name(models: list[str], tasks: list[str]) -> str:
+    """The results file's name: ``contention.json`` for the default run, else suffixed with the model and tasks.
 
-    >>> pre_seconds({"timings": {"load": 0.8, "evaluate_original": 0.01, "compress": 20.0}})
-    0.81
+    >>> default_name(["resnet20", "resnet56"], ["cmi", "mipp"]), default_name(["resnet20"], ["train", "evaluate"])
+    ('contention.json', 'contention-resnet20-train-evaluate.json')
     """
-    timings = (row or {}).get("timings") or {}
-    return round(timings.get("load", 0.0) + timings.get("evaluate_original", 0.0), 2)
+    parts = ([] if len(models) == len(MODELS) else models) + ([] if tuple(tasks) == DEFAULT_TASKS else tasks)
+    return "-".join(["contention", *parts]) + ".json"
 
 
-def measure(task: dict[str, Any], condition: str, competitor_threads: int, *, pre: float = 0.0) -> dict[str, Any]:
-    """One row: the machine's state just before, then the measurement, quiet or beside the competitor.
+def contended_cap(quiet: dict[str, Any], cap: float) -> float:
+    """The contended run's cap: ``CAP_FACTOR`` x the quiet run's capped span (30 s at least), never above ``cap``.
 
-    A run stopped at the cap reports ``seconds_at_least`` = its time on the clock less ``pre`` (the stages before
-    the timed one, taken from the quiet run).
+    A slowdown of ``CAP_FACTOR`` already misses the 2x goal by far; the rest would be waiting.
+
+    >>> contended_cap({"seconds": 4.0}, 120.0), contended_cap({"seconds": 15.0, "wall_seconds_call": 18.0}, 120.0)
+    (30.0, 54.0)
+    >>> contended_cap({"seconds": None, "seconds_at_least": 120.0}, 120.0)
+    120.0
     """
+    seconds = quiet.get("wall_seconds_call") or quiet.get("seconds") or quiet.get("seconds_at_least") or cap
+    return float(min(cap, max(30.0, CAP_FACTOR * seconds)))
+
+
+def measure(task: dict[str, Any], condition: str, competitor_threads: int) -> dict[str, Any]:
+    """One row: the machine's state just before, then the measurement, quiet or beside the competitor."""
     row: dict[str, Any] = {k: task[k] for k in ("model", "task", "setting", "roles")}
-    row.update(stage=STAGE_OF[task["task"]], condition=condition, seconds=None, seconds_at_least=None,
-               cpu_seconds=None)
+    row.update(stage=STAGE_OF[task["task"]], condition=condition, cap_s=task["cap"], seconds=None,
+               seconds_at_least=None, cpu_seconds=None)
     if condition == "contended":
         with competitor(competitor_threads, task["cap"] + 600) as neighbour:
             row.update(machine_state())
@@ -340,38 +363,23 @@ def measure(task: dict[str, Any], condition: str, competitor_threads: int, *, pr
         row.update(wait_quiet(task["wait_quiet"]))
         result = _measure(task, None)
     row.update({k: v for k, v in result.items() if k != "cpu_seconds_call"}, cpu_seconds=result.get("cpu_seconds_call"))
-    if row["timed_out"]:
-        row["seconds_at_least"] = round(row["seconds_at_least"] - pre, 1)
     shown = row["seconds"] if row["seconds"] is not None else f">={row['seconds_at_least']}"
+    shown = f"failed: {row['error']}" if row.get("error") else shown
     print(f"{row['model']:9s} {row['task']:9s} {row['setting']:10s} threads={row['threads']} {condition:9s} "
           f"load={row['load_1min']} busy={row['others_busy_cores']} others_during={row['others_during']} -> "
           f"{shown} s (cpu {row['cpu_seconds']})", file=sys.stderr, flush=True)
     return row
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every (model, task, setting): quiet, then contended (interleaved, so that drifts in load hit both)."""
+def payload_of(args: argparse.Namespace, rows: list[dict[str, Any]], default: int) -> dict[str, Any]:
+    """The results file: settings, machine, rows and their summary."""
     import torch
 
-    from compressor.threads import PROBED, ThreadPolicy, torch_default_threads
-
-    default = torch_default_threads()
-    rows: list[dict[str, Any]] = []
-    for model in args.models:
-        for kind in args.tasks:
-            stage = STAGE_OF[kind]
-            policy = None if stage in PROBED else ThreadPolicy().for_stage(stage)
-            for setting, spec in settings_for(policy, default).items():
-                task = {"model": model, "task": kind, "setting": setting, "roles": spec["roles"], "cap": args.cap,
-                        "wait_quiet": args.wait_quiet,
-                        "threads": spec["threads"], "checkpoint": str(args.shared / MODELS[model]),
-                        "train": str(args.shared / TRAIN)}
-                rows.append(measure(task, "quiet", args.competitor_threads))
-                rows.append(measure(task, "contended", args.competitor_threads, pre=pre_seconds(rows[-1])))
     return {
         "benchmark": "contention", "goal": f"slowdown = contended / quiet < {GOAL}",
-        "command": "python -m benchmarks.contention " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.contention " + " ".join(args.argv),
         "settings": {"models": args.models, "tasks": args.tasks, "cap_seconds": args.cap,
+                     "contended_cap": f"min(cap, max(30, {CAP_FACTOR:g} x quiet seconds))",
                      "wait_quiet_seconds": args.wait_quiet,
                      "competitor": f"{args.competitor_threads}-thread torch loop of 512x512 float32 matmuls",
                      "train": {"batch": BATCH["train"], "steps": STEPS["train"]},
@@ -386,14 +394,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Every (model, task, setting): quiet, then contended (interleaved, so that drifts in load hit both). The
+    results file is rewritten after every pair, so an interrupted run keeps what it measured."""
+    from compressor.threads import PROBED, ThreadPolicy, torch_default_threads
+
+    default = torch_default_threads()
+    rows: list[dict[str, Any]] = []
+    for model in args.models:
+        for kind in args.tasks:
+            stage = STAGE_OF[kind]
+            policy = None if stage in PROBED else ThreadPolicy().for_stage(stage)
+            for setting, spec in settings_for(policy, default).items():
+                task = {"model": model, "task": kind, "setting": setting, "roles": spec["roles"], "cap": args.cap,
+                        "wait_quiet": args.wait_quiet,
+                        "threads": spec["threads"], "checkpoint": str(args.shared / MODELS[model]),
+                        "train": str(args.shared / TRAIN)}
+                rows.append(measure(task, "quiet", args.competitor_threads))
+                task["cap"] = contended_cap(rows[-1], args.cap)
+                rows.append(measure(task, "contended", args.competitor_threads))
+                write_json(out, {**payload_of(args, rows, default), "complete": False})
+    return {**payload_of(args, rows, default), "complete": True}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), help="one model (default: both)")
     parser.add_argument("--quick", action="store_true", help="ResNet-20 only")
-    parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS),
-                        help="a subset of cmi,mipp,train,evaluate")
-    parser.add_argument("--cap", type=float, default=150.0, help="seconds before a measurement is stopped (150)")
-    parser.add_argument("--wait-quiet", type=float, default=30.0,
+    parser.add_argument("--tasks", type=lambda s: s.split(","), default=list(DEFAULT_TASKS),
+                        help="a subset of cmi,mipp,train,evaluate (default: cmi,mipp)")
+    parser.add_argument("--cap", type=float, default=180.0, help="seconds before a measurement is stopped (180)")
+    parser.add_argument("--wait-quiet", type=float, default=10.0,
                         help="before a quiet measurement, wait up to this many seconds for the machine to be idle")
     parser.add_argument("--competitor-threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
@@ -412,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             print(f"skipped: not found: {path} (the ../shared checkout)", file=sys.stderr)
             return 0
-    out = args.out or RESULTS / ("contention.json" if len(args.models) > 1 else f"contention-{args.models[0]}.json")
+    out = args.out or RESULTS / default_name(args.models, args.tasks)
+    args.argv = sys.argv[1:] if argv is None else argv
     start = time.perf_counter()
-    payload = run(args)
+    payload = run(args, out)
     payload["wall_seconds"] = round(time.perf_counter() - start, 1)
     check_payload(payload)
     write_json(out, payload)

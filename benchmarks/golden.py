@@ -56,13 +56,17 @@ def datasets(shared: Path = SHARED) -> tuple[Any, Any]:
 
 
 def capture(method: str, shared: Path = SHARED) -> dict[str, Any]:
-    """Run ``method`` through :func:`compressor.compress` (one torch thread, no benchmark) and record its choices."""
+    """Run ``method`` through :func:`compressor.compress` (one torch thread, no benchmark) and record its choices.
+
+    Stages added after the record was taken are off: reconstruction (it changes weights, hence top-1, by design) and
+    INT8 (it changes none of the recorded numbers, only the time)."""
     from compressor import compress
 
     torch.set_num_threads(1)
     train, test = datasets(shared)
     result = compress(str(shared / CHECKPOINT), arch="resnet20", data=train, eval_data=test, normalize="cifar",
-                      method=method, target=0.33, epochs=0, bench_batches=(), seed=0, threads=1)
+                      method=method, target=0.33, epochs=0, bench_batches=(), seed=0, threads=1, reconstruct=False,
+                      quantize="none")
     compressed, report = result.report["compressed"], result.report
     return {
         "kept": kept_channels(result.original, result.model),

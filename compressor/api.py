@@ -39,9 +39,10 @@ class CompressionResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def default_out_dir(model_path: Path, method: str, target: float) -> Path:
+def default_out_dir(model_path: Path, method: str, target: float | str) -> Path:
     """A new folder beside the model: ``<stem>-<method>-<target>``, suffixed ``-2``, ``-3``... when taken."""
-    base = model_path.parent / f"{model_path.stem}-{method}-{target:g}"
+    label = f"{target:g}" if isinstance(target, (int, float)) else target
+    base = model_path.parent / f"{model_path.stem}-{method}-{label}"
     candidate, n = base, 1
     while candidate.exists():
         n += 1
@@ -122,6 +123,8 @@ def compress(
     ...                   normalize="imagenet", method="l1", target=0.33, epochs=2, out="runs/r56-l1")  # doctest: +SKIP
     >>> result.report["compressed"]["macs"]  # doctest: +SKIP
     """
+    if options.get("target") is not None and options.get("target_latency") is not None:
+        raise InputError("give --target or --target-latency, not both")
     arch, trust_pickle = options.pop("arch", None), bool(options.pop("trust_pickle", False))
     overwrite, command = bool(options.pop("overwrite", False)), options.pop("command", None)
     cfg = _config(config, options)
@@ -149,21 +152,25 @@ class _Tuned:
     records: list[dict[str, Any]]
     method_report: dict[str, Any]
     accuracy: float | None
+    reconstruction: dict[str, Any]
 
 
 def _compress_and_train(original: nn.Module, prepared: stages.Prepared, method: Any, cfg: CompressConfig,
                         device: torch.device, watch: stages.Stopwatch) -> _Tuned:
     with watch.stage("compress"):
         compressed = stages.compress_model(original, method, prepared, cfg, device)
+    with watch.stage("reconstruct"):
+        refit = stages.reconstruct(compressed, original, prepared, cfg)
     with watch.stage("bn_recalib"):
         recal = stages.recalibrate(compressed.model, prepared, cfg, device)
     if cfg.epochs == 0:
-        return _Tuned(compressed, recal, None, compressed.model, compressed.records, compressed.report, recal.accuracy)
+        return _Tuned(compressed, recal, None, compressed.model, compressed.records, compressed.report, recal.accuracy,
+                      refit)
     with watch.stage("finetune"):
         trained = stages.train(compressed, original, prepared, cfg, device)
     with watch.stage("evaluate_finetuned"):
         accuracy = stages.top1(trained.model, prepared, cfg, device)
-    return _Tuned(compressed, recal, trained, trained.model, trained.records, trained.report, accuracy)
+    return _Tuned(compressed, recal, trained, trained.model, trained.records, trained.report, accuracy, refit)
 
 
 def _deploy(original: nn.Module, tuned: _Tuned, prepared: stages.Prepared, cfg: CompressConfig,
@@ -207,6 +214,7 @@ def _report(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, prepared: s
                     "accuracy_before_finetune": tuned.recalibrated.accuracy,
                     "accuracy_before_bn_recalib": tuned.recalibrated.accuracy_stale},
         parity=exported.parity, int8=quantized.section() if quantized is not None else None, bench=bench,
+        reconstruction=tuned.reconstruction,
         trained=tuned.trained, cfg=cfg, watch=watch, layers=report_mod.layer_table(original, model))
 
 

@@ -68,7 +68,12 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("augment", Optional[bool], None, "Crop+flip during fine-tuning (default: on for 32x32 images).", DATA,
          ("--augment/--no-augment",)),
     Flag("method", str, "l1", f"Compression method: {_methods_help()}. E.g. --method cmi", METHOD),
-    Flag("target", float, 0.33, "Fraction of --target-metric to remove, in (0, 1). E.g. --target 0.33", METHOD),
+    Flag("target", Optional[float], None, "Fraction of --target-metric to remove, in (0, 1) [default: 0.33]. E.g. "
+         "--target 0.33", METHOD),
+    Flag("target_latency", Optional[float], None, "Instead of --target: a latency budget, as a fraction of the "
+         "original's p50 on the graph that ships (INT8 or fp32, first --bench-batch, --threads). The smallest "
+         "--target meeting it is searched by timing real compressions beside the original (6 probes; each in the "
+         "report). E.g. --target-latency 0.5", METHOD),
     Flag("target_metric", Optional[str], None, "What --target counts: filters (conv output channels; default for "
          "pruning), params (default for factorisation) or macs. E.g. --target-metric macs", METHOD),
     Flag("round_to", str, "auto", "Keep channel counts at multiples of K where the target allows (1 = exact; when K "
@@ -81,6 +86,9 @@ RUN_FLAGS: tuple[Flag, ...] = (
          METHOD),
     Flag("ignore_layer", Optional[list[str]], None, "Never prune the group of this layer (repeatable). E.g. "
          "--ignore-layer layer3.0.conv1", METHOD),
+    Flag("reconstruct", bool, True, "After pruning, refit each layer that lost input channels by least squares on "
+         "--calib-samples images of --data, to reproduce the original layer's output (ThiNet / He et al. 2017).",
+         TUNE, ("--reconstruct/--no-reconstruct",)),
     Flag("epochs", int, 0, "Fine-tuning epochs (0 = none). E.g. --epochs 2", TUNE),
     Flag("lr", float, 0.01, "Peak learning rate (cosine schedule). E.g. --lr 0.01", TUNE),
     Flag("optimizer", str, "sgd", "sgd or adamw. E.g. --optimizer adamw", TUNE),
@@ -212,7 +220,10 @@ def _compress(kw: dict[str, Any], options: dict[str, Any], method_values: dict[s
 
     options.update(bench_batches=_batches(kw["bench_batch"]), ignore_layers=tuple(kw["ignore_layer"] or ()),
                    method_options=method_values, round_to=parse_round_to(kw["round_to"]))
-    out = kw["out"] if kw["out"] is not None else default_out_dir(kw["model"], options["method"], options["target"])
+    if options["target"] is None:
+        options.pop("target")
+    name = options.get("target", options["target_latency"] and f"latency{options['target_latency']:g}")
+    out = kw["out"] if kw["out"] is not None else default_out_dir(kw["model"], options["method"], name or 0.33)
     return compress(kw["model"], data=kw["data"], eval_data=kw["eval_data"], normalize=kw["normalize"], out=out,
                     command=sys.argv[1:], **options)
 

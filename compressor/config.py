@@ -67,6 +67,14 @@ class CompressConfig:
     max_accuracy_drop : float
         Largest top-1 loss, in percentage points, that an INT8 graph may have against its fp32 graph; beyond it the
         most sensitive layers stay float, and a graph that still fails stops the run.
+    target_latency : float or None
+        Instead of ``target``: the latency budget, as a fraction of the original's p50 on the graph the run ships
+        (INT8 when it quantises, else fp32), at the first of ``bench_batches``; the smallest fraction of
+        ``target_metric`` whose compressed graph, timed beside the original, meets it is searched by measurement
+        (:mod:`compressor.latency_target`; ``target`` is not used).
+    reconstruct : bool
+        After pruning, refit each layer whose input channels were removed by least squares on the calibration
+        images, so that it reproduces the original layer's output (:mod:`compressor.reconstruct`); needs ``data``.
     at_init : bool
         Score and prune a re-initialised copy of the model (random weights, seeded by ``seed``), then train the
         pruned network from scratch for ``epochs``; the trained input stays the "original" it is compared with.
@@ -97,6 +105,8 @@ class CompressConfig:
     at_init: bool = False
     quantize: str = "auto"
     max_accuracy_drop: float = 1.0
+    target_latency: float | None = None
+    reconstruct: bool = True
 
     def validate(self) -> CompressConfig:
         """Raise :class:`InputError` naming the first invalid option; return ``self``."""
@@ -122,6 +132,12 @@ class CompressConfig:
             (self.quantize in QUANTIZE, f"--quantize must be one of {', '.join(QUANTIZE)}; got {self.quantize!r}"),
             (0.0 <= self.max_accuracy_drop <= 100.0,
              f"--max-accuracy-drop is in percentage points, in [0, 100], e.g. 1; got {self.max_accuracy_drop}"),
+            (self.target_latency is None or (isinstance(self.target_latency, (int, float))
+                                             and 0.0 < self.target_latency < 1.0),
+             "--target-latency is a fraction of the original's latency in (0, 1), e.g. 0.5; "
+             f"got {self.target_latency}"),
+            (self.target_latency is None or bool(self.bench_batches),
+             "--target-latency times the compressed graphs; it needs a --bench-batch (not none)"),
             (not self.at_init or self.epochs > 0,
              "--at-init prunes a randomly initialised network, which must then be trained: add --epochs N"),
         ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from . import models, widths
+from . import latency_target, models, widths
 from .config import CompressConfig
 from .errors import DataError, InputError
 from .io import LoadedModel, load_model
@@ -26,7 +26,7 @@ from .methods.base import Budget, Method, MethodContext
 from .metrics import count_filters, count_macs, count_params
 from .pruning import engine
 from .threads import ThreadPolicy
-from .training import TrainConfig, Trainer, evaluate, recalibrate_bn
+from .training import Callback, TrainConfig, Trainer, TrainState, evaluate, recalibrate_bn
 
 
 class Stopwatch:
@@ -167,6 +167,8 @@ class Compressed:
     records: list[dict[str, Any]]
     report: dict[str, Any]
     callbacks: list[Any] = field(default_factory=list)
+    target: float | None = None  # the fraction applied (``--target``, or the one ``--target-latency`` found)
+    channels: dict[str, dict[str, list[int]]] | None = None  # original channels each layer kept (pruning only)
 
     @property
     def stages(self) -> list[str]:
@@ -201,9 +203,57 @@ def compress_model(original: nn.Module, method: Method, prepared: Prepared, cfg:
     source = models.reinitialise(original, seed=cfg.seed) if cfg.at_init else original
     ctx = method_context(original, prepared, cfg, method, device)
     method.check(ctx)
+    if cfg.target_latency is not None:
+        return _meet_latency(source, original, method, ctx, prepared, cfg)
     with ThreadPolicy(cfg.threads).apply("score"):
         result = method.apply(source, ctx)
-    return Compressed(result.model.eval(), method, result.records, result.report, result.callbacks)
+    return Compressed(result.model.eval(), method, result.records, result.report, result.callbacks, cfg.target,
+                      result.channels)
+
+
+def _meet_latency(source: nn.Module, original: nn.Module, method: Method, ctx: MethodContext, prepared: Prepared,
+                  cfg: CompressConfig) -> Compressed:
+    """Stage 3 with ``--target-latency``: the smallest fraction of the metric whose compressed graph runs within
+    the budget (:func:`compressor.latency_target.search_target`); with ``--round-to auto`` the first probe picks the
+    alignment and the others keep it."""
+    timer = latency_measure(prepared, cfg)
+    state: dict[str, Any] = {"ctx": ctx}
+
+    def build(t: float) -> latency_target.Built:
+        probe_ctx = replace(state["ctx"], budget=state["ctx"].budget.scaled(t))
+        with ThreadPolicy(cfg.threads).apply("score"):
+            result = method.apply(source, probe_ctx)
+        chosen = result.report.get("alignment", {}).get("chosen")
+        if ctx.budget.round_to == widths.AUTO and chosen is not None and "round_to" not in state:
+            state["round_to"] = chosen
+            state["ctx"] = replace(ctx, budget=replace(ctx.budget, round_to=int(chosen)), latency=None)
+        done = achieved(original, result.model, prepared.example, ctx.budget.metric)
+        return latency_target.Built(result.model, done, count_macs(result.model, prepared.example), result)
+
+    choice = latency_target.search_target(build, timer, original, float(cfg.target_latency or 0.0))
+    result = choice.built.result
+    report = dict(result.report)
+    report["latency_target"] = choice.section(**timer.describe(), round_to=state.get("round_to", cfg.round_to))
+    return Compressed(result.model.eval(), method, result.records, report, result.callbacks, choice.chosen.target,
+                      result.channels)
+
+
+# ----------------------------------------------------------------------------------------------- reconstruct
+def reconstruct(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: CompressConfig) -> dict[str, Any]:
+    """Stage 3b: refit, in place, the layers whose input channels were removed, by least squares on the calibration
+    images (:func:`compressor.reconstruct.reconstruct`); returns the report's ``reconstruction`` section, which
+    says why when the stage is skipped."""
+    from .reconstruct import reconstruct as refit
+
+    reason = ("--no-reconstruct" if not cfg.reconstruct else "--at-init" if cfg.at_init
+              else "no --data to calibrate on" if prepared.calib is None
+              else "no channel was removed" if not compressed.channels else None)
+    if reason is not None:
+        return {"skipped": reason}
+    batches = [x for x, _ in prepared.calib]
+    with ThreadPolicy(cfg.threads).apply("evaluate"):
+        return refit(original.cpu().eval(), compressed.model.cpu(), compressed.channels or {}, batches,
+                     seed=cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------- recalibrate
@@ -255,8 +305,9 @@ def train(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: 
     a callback that changes the structure (tucker's adaptive ranks) hands back the records and report to keep."""
     config = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                          seed=cfg.seed)
-    trainer = Trainer(config, device=device, callbacks=compressed.callbacks)
-    with ThreadPolicy(cfg.threads).apply("train"):
+    policy = ThreadPolicy(cfg.threads)
+    trainer = Trainer(config, device=device, callbacks=[*compressed.callbacks, RefreshThreads(policy)])
+    with policy.apply("train"):
         result = trainer.fit(compressed.model, prepared.loader(cfg, train=True),
                              teacher=original if cfg.distill else None, eval_loader=prepared.eval)
     records, report = list(compressed.records), dict(compressed.report)
@@ -264,6 +315,17 @@ def train(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: 
         records = _replace_records(records, callback.records())
         _merge(report, callback.report())
     return Trained(result.model.eval(), result, records, report)
+
+
+class RefreshThreads(Callback):
+    """Re-decides the training threads after every epoch (:meth:`ThreadPolicy.refresh`): a neighbour that started
+    or stopped mid-run is seen at the next epoch; nothing changes under ``--threads N``."""
+
+    def __init__(self, policy: ThreadPolicy) -> None:
+        self.policy = policy
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        self.policy.refresh("train")
 
 
 def _replace_records(records: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -58,7 +58,7 @@ def method_section(compressed: Any, method_report: Mapping[str, Any], cfg: Any, 
     and what the method itself reported (its own keys, e.g. ``groups`` and ``cmi``)."""
     method = compressed.method
     section: dict[str, Any] = {
-        "name": cfg.method, "target": cfg.target, "target_metric": cfg.target_metric or method.default_metric,
+        "name": cfg.method, "target": compressed.target, "target_metric": cfg.target_metric or method.default_metric,
         "achieved": achieved, "stages": compressed.stages, "at_init": cfg.at_init,
         "options": method_options(method), **method_report,
     }
@@ -77,11 +77,13 @@ def method_options(method: Any) -> dict[str, Any]:
 
 def assemble(*, tool: dict[str, Any], model: dict[str, Any], method: dict[str, Any], original: dict[str, Any],
              compressed: dict[str, Any], parity: dict[str, Any], int8: dict[str, Any] | None, bench: Any,
-             trained: Any, cfg: Any, watch: Any, layers: list[dict[str, Any]]) -> dict[str, Any]:
+             trained: Any, cfg: Any, watch: Any, layers: list[dict[str, Any]],
+             reconstruction: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report, from the sections each stage contributed (see the module docstring for the schema)."""
     result = getattr(trained, "result", None)
     return {
         "tool": tool, "model": model, "method": method, "original": original, "compressed": compressed,
+        "reconstruction": reconstruction or {"skipped": "not run"},
         "parity": parity,
         "int8": int8,
         "latency": bench.latency if bench is not None else {},
@@ -241,6 +243,23 @@ def deployment_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def reconstruction_lines(section: Mapping[str, Any] | None) -> list[str]:
+    """One paragraph: how many layers were refitted and their output error before and after (or why not)."""
+    if not section:
+        return []
+    if "skipped" in section:
+        return ["", f"Reconstruction: skipped ({section['skipped']})."]
+    rows = section["layers"]
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / max(1, len(rows))
+
+    return ["", "## Reconstruction", "", f"{section['refitted']} of {len(rows)} layers that lost input channels "
+            f"refitted by least squares on calibration images ({section['positions']} pixels per image, ridge "
+            f"{section['ridge']:g}, {section['seconds']:.1f} s); mean relative output error "
+            f"{mean('error_before'):.3f} -> {mean('error_after'):.3f}."]
+
+
 def to_markdown(report: Mapping[str, Any]) -> str:
     """Human-readable report.md: summary, parity, latency details, per-layer channels, options, versions."""
     method = report["method"]
@@ -259,6 +278,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
               f"onnxruntime vs PyTorch on {parity['n_samples']} eval images: max abs diff "
               f"{parity['max_abs_diff']:.3g} (atol {parity['atol']:g}), top-1 agreement "
               f"{100 * parity['top1_agreement']:.2f}%."]
+    lines += reconstruction_lines(report.get("reconstruction"))
     bench = report.get("benchmark", {})
     if report.get("latency"):
         lines += ["", "## Latency (onnxruntime, interleaved in one run)", "",
@@ -314,6 +334,21 @@ def _method_section(method: Mapping[str, Any]) -> list[str]:
                   "| --- | ---: | ---: | ---: | ---: |"]
         lines += [f"| {g['root']} | {len(g['layers'])} | {g['channels']} | {g['keep']} | {g.get('aligned_to') or '-'} |"
                   for g in method["groups"]]
+    return lines + _latency_search_lines(method.get("latency_target"))
+
+
+def _latency_search_lines(search: Mapping[str, Any] | None) -> list[str]:
+    """``--target-latency``: every probe of the search, the chosen one marked."""
+    if not search:
+        return []
+    lines = ["", f"### Latency budget: {search['goal']:g} x the original's p50 ({search.get('graph')} graph, batch "
+             f"{search.get('batch')}, threads {search.get('threads')}); chose target {search['target']:g} "
+             f"({search['ratio']:.3f} x) after {len(search['probes'])} probes in {search['seconds']:.1f} s", "",
+             "| probe | target | achieved | MACs | p50 ms | original p50 ms | ratio | met |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [f"| {i} | {p['target']:g} | {p['achieved']:.4f} | {_fmt_int(p['macs'])} | {p['p50_ms']:.3f} | "
+              f"{p['original_p50_ms']:.3f} | {p['ratio']:.3f} | {'yes' if p['met'] else 'no'} |"
+              for i, p in enumerate(search["probes"], 1)]
     return lines
 
 
@@ -332,5 +367,10 @@ def print_table(report: Mapping[str, Any]) -> None:
     parity = report["parity"]
     console = Console()
     console.print(table)
+    search = method.get("latency_target")
+    if search:
+        console.print(f"latency budget {search['goal']:g}x: chose target {search['target']:g} of "
+                      f"{method['target_metric']} at {search['ratio']:.3f}x the original ({search.get('graph')}, "
+                      f"batch {search.get('batch')}) after {len(search['probes'])} timed probes")
     console.print(f"parity: max abs diff {parity['max_abs_diff']:.2e}, top-1 agreement "
                   f"{100 * parity['top1_agreement']:.1f}% on {parity['n_samples']} images")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.contention import ROW_KEYS, check_payload, pre_seconds, settings_for, slowdown, summarise
+from benchmarks.contention import (ROW_KEYS, check_payload, contended_cap, default_name, settings_for, slowdown,
+                                   summarise)
 from compressor.threads import (
     PROBED,
     STAGES,
@@ -95,6 +96,19 @@ def test_apply_restores_torch_threads_after_an_exception() -> None:
     assert torch.get_num_threads() == before
 
 
+def test_refresh_redecides_inside_a_stage_and_apply_still_restores() -> None:
+    before = torch.get_num_threads()
+    busy = [0.0]
+    policy = ThreadPolicy(cores=2, probe=lambda: busy[0])
+    with policy.apply("train") as count:
+        assert count == 2 and torch.get_num_threads() == 2
+        busy[0] = 1.5  # a neighbour started mid-stage
+        assert policy.refresh("train") == 1
+        assert torch.get_num_threads() == 1
+        assert policy.chosen["train"] == 1
+    assert torch.get_num_threads() == before
+
+
 def test_benchmark_stage_leaves_torch_threads_alone_and_yields_the_onnxruntime_count() -> None:
     before = torch.get_num_threads()
     with ThreadPolicy(cores=4, probe=never_probed).apply("benchmark") as count:
@@ -148,6 +162,12 @@ def test_a_capped_contended_run_gives_a_lower_bound() -> None:
     # a lower bound under the goal decides nothing
     assert slowdown({"seconds": 100.0}, {"seconds": None, "seconds_at_least": 150.0})["meets_goal"] is None
     assert slowdown({"seconds": None}, {"seconds": 5.0}) == {"slowdown": None, "bound": None, "meets_goal": None}
+    # a scoring run is capped over the whole compress() call: its bound divides by the quiet call's time
+    assert slowdown({"seconds": 10.0, "wall_seconds_call": 20.0}, {"seconds": None, "seconds_at_least": 60.0})[
+        "slowdown"] == 3.0
+    # a failed contended run gives no ratio
+    assert slowdown({"seconds": 10.0}, {"seconds": None, "seconds_at_least": None, "error": "boom"})[
+        "slowdown"] is None
 
 
 def test_settings_always_include_one_thread_and_torchs_default() -> None:
@@ -165,16 +185,28 @@ def test_summary_pairs_quiet_with_contended_and_names_old_and_policy() -> None:
             _row("mipp", "threads_2", "quiet", 8.0, roles=["torch_default"], threads=2),
             _row("mipp", "threads_2", "contended", None, roles=["torch_default"], at_least=150.0, threads=2)]
     cell = summarise(rows)["resnet20"]["mipp"]
-    assert cell["policy"] == "threads_1" and cell["old"] == "threads_2"
-    assert cell["threads_1"]["slowdown"] == 1.4 and cell["threads_1"]["meets_goal"] is True
-    assert cell["threads_2"]["contended_s"] == 150.0
-    assert cell["threads_2"]["bound"] == "at_least" and cell["threads_2"]["slowdown"] == 18.75
-    assert cell["threads_2"]["threads"] == {"quiet": 2, "contended": 2}
+    assert cell["after"] == "threads_1" and cell["before"] == "threads_2"
+    one, two = cell["settings"]["threads_1"], cell["settings"]["threads_2"]
+    assert one["slowdown"] == 1.4 and one["meets_goal"] is True
+    assert two["contended_s"] == 150.0
+    assert two["bound"] == "at_least" and two["slowdown"] == 18.75
+    assert two["threads"] == {"quiet": 2, "contended": 2}
+
+
+def test_summary_keeps_a_setting_named_policy_apart_from_the_pointers() -> None:
+    rows = [_row("train", "threads_2", "quiet", 2.0, roles=["torch_default"], threads=2),
+            _row("train", "threads_2", "contended", 9.0, roles=["torch_default"], threads=2),
+            _row("train", "policy", "quiet", 2.1, roles=["policy"], threads=2),
+            _row("train", "policy", "contended", 6.3, roles=["policy"], threads=1)]
+    cell = summarise(rows)["resnet20"]["train"]
+    assert cell["before"] == "threads_2" and cell["after"] == "policy"
+    assert cell["settings"]["policy"]["threads"] == {"quiet": 2, "contended": 1}
+    assert cell["settings"]["policy"]["slowdown"] == 3.0
 
 
 def test_results_schema_is_checked() -> None:
     rows = [_row("cmi", "threads_1", "quiet", 1.0)]
-    payload = {"benchmark": "contention", "goal": "", "settings": {}, "machine": {}, "rows": rows,
+    payload = {"benchmark": "contention", "goal": "", "command": "", "settings": {}, "machine": {}, "rows": rows,
                "summary": summarise(rows)}
     check_payload(payload)
     with pytest.raises(ValueError, match="lack"):
@@ -185,7 +217,41 @@ def test_results_schema_is_checked() -> None:
         check_payload({**payload, "rows": [broken]})
 
 
-def test_pre_seconds_sums_the_stages_before_compress() -> None:
-    assert pre_seconds({"timings": {"load": 1.25, "evaluate_original": 0.5, "compress": 30.0}}) == 1.75
-    assert pre_seconds(None) == 0.0
-    assert pre_seconds({"timings": None}) == 0.0
+def test_the_contended_cap_follows_the_quiet_time_within_bounds() -> None:
+    assert contended_cap({"seconds": 2.0}, 120.0) == 30.0  # never under 30 s
+    assert contended_cap({"seconds": 20.0}, 120.0) == 60.0  # 3x the quiet time...
+    assert contended_cap({"seconds": 20.0, "wall_seconds_call": 30.0}, 120.0) == 90.0  # ...of the capped span
+    assert contended_cap({"seconds": 50.0}, 120.0) == 120.0  # never over --cap
+    assert contended_cap({"seconds": None, "seconds_at_least": 120.0}, 120.0) == 120.0
+
+
+def test_results_file_names_say_what_was_run() -> None:
+    assert default_name(["resnet20", "resnet56"], ["cmi", "mipp"]) == "contention.json"
+    assert default_name(["resnet20"], ["cmi", "mipp"]) == "contention-resnet20.json"
+    assert default_name(["resnet20", "resnet56"], ["train", "evaluate"]) == "contention-train-evaluate.json"
+
+
+def test_training_re_decides_its_threads_after_every_epoch() -> None:
+    from compressor.pipeline import RefreshThreads
+    from compressor.training import TrainConfig, Trainer
+
+    busy, seen = [0.0], []
+    policy = ThreadPolicy(cores=2, probe=lambda: busy[0])
+
+    class Neighbour(RefreshThreads):
+        def on_epoch_end(self, state) -> None:
+            busy[0] = 1.5  # a neighbour starts during the first epoch
+            super().on_epoch_end(state)
+            seen.append(torch.get_num_threads())
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = [(torch.randn(8, 1, 2, 2), torch.randint(0, 2, (8,)))]
+    before = torch.get_num_threads()
+    with policy.apply("train"):
+        Trainer(TrainConfig(epochs=2, lr=0.1), device=torch.device("cpu"), callbacks=[Neighbour(policy)]).fit(
+            model, data)
+    assert seen == [1, 1] and policy.chosen["train"] == 1
+    assert torch.get_num_threads() == before
+    with ThreadPolicy(threads=2, probe=never_probed).apply("train"):
+        RefreshThreads(ThreadPolicy(threads=2, probe=never_probed)).on_epoch_end(None)  # type: ignore[arg-type]
+        assert torch.get_num_threads() == 2

@@ -91,6 +91,9 @@ class MethodResult:
     records: list[dict[str, Any]]
     report: dict[str, Any] = field(default_factory=dict)
     callbacks: list[Any] = field(default_factory=list)
+    #: Pruning methods: the original channel indices each Conv2d/Linear kept (``{name: {"in": [...], "out": [...]}}``),
+    #: for the reconstruction stage (:mod:`compressor.reconstruct`); None when no channel was removed.
+    channels: dict[str, dict[str, list[int]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class Chain(Method):
         records: list[dict[str, Any]] = []
         report: dict[str, Any] = {"split": self.options.split}
         callbacks: list[Any] = []
+        channels = None
         for step in self.steps:
             share = self.options.split if isinstance(step, PruneMethod) else 1.0
             step_ctx = replace(ctx, budget=ctx.budget.scaled(ctx.budget.target * share))
@@ -64,4 +65,5 @@ class Chain(Method):
             records += result.records
             report.update(result.report)
             callbacks += result.callbacks
-        return MethodResult(model, records, report, callbacks)
+            channels = result.channels or channels  # the pruning step's; layers factorised later are skipped
+        return MethodResult(model, records, report, callbacks, channels)

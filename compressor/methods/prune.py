@@ -107,10 +107,11 @@ class PruneMethod(Method):
             keep = allocation.keep
         pruned = copy.deepcopy(model)
         pruned_graph = engine.build_graph(pruned, example)
+        channels: dict[str, dict[str, list[int]]] = {}
         with torch.no_grad():
             reference = model(example).shape
             engine.apply_keep(pruned, pruned_graph, groups, scored.scores, keep,
-                              check=_output_check(example, reference))
+                              check=_output_check(example, reference), channels=channels)
         report = {"scorer": self.name, "prune_target": budget.target, "scoring_seconds": round(seconds, 4),
                   "groups": [_group_row(g, int(keep[g.root]), round_to) for g in groups]}
         if allocation is not None:
@@ -118,7 +119,7 @@ class PruneMethod(Method):
         if scored.report:
             report[self.name] = scored.report
         record = {"kind": "prune", "history": [list(step) for step in pruned_graph.pruning_history()]}
-        return MethodResult(pruned.eval(), [record], report)
+        return MethodResult(pruned.eval(), [record], report, channels=channels or None)
 
     def _apply_auto(self, model: nn.Module, ctx: MethodContext, graph: tp.DependencyGraph,
                     groups: Sequence[PruningGroup]) -> MethodResult:

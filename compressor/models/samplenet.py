@@ -71,26 +71,29 @@ class SampleNet(nn.Module):
     ----------
     num_classes : int, default 10
         Outputs of ``classifier``.
+    width : int, default 1
+        Multiplies every channel count (``samplenet_wide`` is width 4).
     """
 
-    def __init__(self, *, num_classes: int = 10) -> None:
+    def __init__(self, *, num_classes: int = 10, width: int = 1) -> None:
         super().__init__()
-        self.stem = _conv_bn_relu(3, 16)
-        self.res = _Residual(16)
-        self.down = _conv_bn_relu(16, 32, stride=2)
-        self.branch_a = _conv_bn_relu(32, 16, kernel=1)
-        self.branch_b = _conv_bn_relu(32, 16, kernel=3)
-        self.dw = _conv_bn_relu(32, 32, stride=2, groups=32)
-        self.pw = _conv_bn_relu(32, 64, kernel=1)
-        self.res2 = _Residual(64, depthwise=True)
+        c = 16 * width
+        self.stem = _conv_bn_relu(3, c)
+        self.res = _Residual(c)
+        self.down = _conv_bn_relu(c, 2 * c, stride=2)
+        self.branch_a = _conv_bn_relu(2 * c, c, kernel=1)
+        self.branch_b = _conv_bn_relu(2 * c, c, kernel=3)
+        self.dw = _conv_bn_relu(2 * c, 2 * c, stride=2, groups=2 * c)
+        self.pw = _conv_bn_relu(2 * c, 4 * c, kernel=1)
+        self.res2 = _Residual(4 * c, depthwise=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(64, num_classes)
+        self.classifier = nn.Linear(4 * c, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, 32, 32) -> (N, 64, 8, 8)``."""
+        """``(N, 3, 32, 32) -> (N, 64 * width, 8, 8)``."""
         x = self.down(self.res(self.stem(x)))
         x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
         return self.res2(self.pw(self.dw(x)))
@@ -109,3 +112,11 @@ class SampleNet(nn.Module):
 )
 def samplenet(*, num_classes: int = 10) -> SampleNet:
     return SampleNet(num_classes=num_classes)
+
+
+@register_arch(
+    "samplenet_wide",
+    description="samplenet at 4x the channels (~0.36M params): the README sample, wide enough for pruning to pay",
+)
+def samplenet_wide(*, num_classes: int = 10) -> SampleNet:
+    return SampleNet(num_classes=num_classes, width=4)

@@ -32,7 +32,8 @@ from .shortcut import customized_pruners
 
 __all__ = [
     "METRICS", "TARGET_TOLERANCE", "PruningGroup", "allocate_uniform", "apply_keep", "build_graph",
-    "discover_groups", "floor_keep", "full_tp_group", "measure", "meter", "reaches_prunable", "removed_fraction",
+    "discover_groups", "floor_keep", "full_tp_group", "measure", "meter", "reaches_prunable", "record_kept",
+    "removed_fraction",
     "uniform_keep",
 ]
 
@@ -157,12 +158,16 @@ def apply_keep(
     keep: Mapping[str, int],
     *,
     check: Callable[[nn.Module], None] | None = None,
+    channels: dict[str, dict[str, list[int]]] | None = None,
 ) -> dict[str, list[int]]:
     """Remove, in place, the lowest-scored ``C - keep`` channels of every group; return the removed indices.
 
     ``check`` runs after each group so a group that breaks the model is named (never silently mis-pruned).
+    ``channels``, when given, is filled with the original indices every touched ``Conv2d``/``Linear`` kept
+    (``{name: {"in": [...], "out": [...]}}``, see :func:`record_kept`), for :mod:`compressor.reconstruct`.
     """
     modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
     removed: dict[str, list[int]] = {}
     for g in groups:
         n_drop = g.channels - int(keep[g.root])
@@ -173,6 +178,8 @@ def apply_keep(
         root = modules[g.root]
         try:
             tp_group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
+            if channels is not None:
+                record_kept(channels, graph, tp_group, names)
             tp_group.prune()
             if check is not None:
                 check(model)
@@ -185,6 +192,27 @@ def apply_keep(
             ) from exc
         removed[g.root] = idxs
     return removed
+
+
+def record_kept(channels: dict[str, dict[str, list[int]]], graph: tp.DependencyGraph, tp_group: Any,
+                names: Mapping[int, str]) -> None:
+    """Before ``tp_group`` is pruned: update, per ``Conv2d``/``Linear`` it touches, the original indices of the input
+    and output channels that stay. torch-pruning's indices address the tensor as it is at that moment, so applying
+    each step to the running list of kept originals keeps the map right across groups (a concat consumer's input is
+    pruned once per branch)."""
+    for dep, idxs in tp_group:
+        module = dep.target.module
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or id(module) not in names:
+            continue
+        out_dim = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        in_dim = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+        entry = channels.setdefault(names[id(module)], {"in": list(range(in_dim)), "out": list(range(out_dim))})
+        side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else (
+            "in" if graph.is_in_channel_pruning_fn(dep.handler) else None)
+        if side is None:
+            continue
+        drop = {int(getattr(i, "idx", i)) for i in idxs}
+        entry[side] = [c for j, c in enumerate(entry[side]) if j not in drop]
 
 
 def measure(model: nn.Module, example_input: torch.Tensor, metric: str) -> int:
