@@ -162,7 +162,8 @@ def _compress_and_train(original: nn.Module, prepared: stages.Prepared, method: 
     with watch.stage("reconstruct"):
         refit = stages.reconstruct(compressed, original, prepared, cfg)
     with watch.stage("bn_recalib"):
-        recal = stages.recalibrate(compressed.model, prepared, cfg, device)
+        recal = stages.recalibrate(compressed.model, prepared, cfg, device,
+                                   reconstructed=bool(refit.get("refitted")))
     if cfg.epochs == 0:
         return _Tuned(compressed, recal, None, compressed.model, compressed.records, compressed.report, recal.accuracy,
                       refit)

@@ -120,6 +120,9 @@ def test_compress_reconstructs_by_default_and_reports_each_layer(tmp_path: Path)
     assert section["refitted"] >= 3 and all(r["error_after"] <= r["error_before"] for r in section["layers"])
     assert off["reconstruction"] == {"skipped": "--no-reconstruct"}
     assert on["compressed"]["params"] == off["compressed"]["params"]
+    # the refit layers reproduce the original pre-BN outputs: the original BN statistics are kept
+    assert on["compressed"]["accuracy_before_bn_recalib"] is None and "bn_recalib_images" not in on["method"]
+    assert off["method"]["bn_recalib_images"] == 256
     assert on["compressed"]["accuracy"] > off["compressed"]["accuracy"]
     saved = json.loads((tmp_path / "on" / "report.json").read_text())
     assert saved["reconstruction"]["layers"] == section["layers"]
