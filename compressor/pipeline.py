@@ -247,7 +247,7 @@ def reconstruct(compressed: Compressed, original: nn.Module, prepared: Prepared,
 
     reason = ("--no-reconstruct" if not cfg.reconstruct else "--at-init" if cfg.at_init
               else "no --data to calibrate on" if prepared.calib is None
-              else "no channel was removed" if not compressed.channels else None)
+              else "the method removed no channels" if not compressed.channels else None)
     if reason is not None:
         return {"skipped": reason}
     batches = [x for x, _ in prepared.calib]

@@ -179,9 +179,10 @@ def test_sample_data_format() -> None:
     assert total < 2_000_000
 
 
-def test_sample_model_loads_and_is_accurate() -> None:
-    checkpoint = torch.load(SAMPLES / "samplenet.pt", map_location="cpu", weights_only=True)
-    assert checkpoint["arch"] == "samplenet" and checkpoint["normalize"] == "0.5,0.5,0.5/0.5,0.5,0.5"
+@pytest.mark.parametrize("arch", ["samplenet", "samplenet_wide"])
+def test_sample_model_loads_and_is_accurate(arch: str) -> None:
+    checkpoint = torch.load(SAMPLES / f"{arch}.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["arch"] == arch and checkpoint["normalize"] == "0.5,0.5,0.5/0.5,0.5,0.5"
     model = create_model(checkpoint["arch"])
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     mean_text, std_text = checkpoint["normalize"].split("/")
