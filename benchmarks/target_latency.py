@@ -10,7 +10,9 @@ ships. A search is honest when ``final_ratio`` stays near ``F`` (machine noise m
 
 Usage::
 
-    python -m benchmarks.target_latency [--goals 0.5,0.35] [--graphs int8,fp32] [--threads 1]
+    python -m benchmarks.target_latency [--runs int8:0.75,fp32:0.5] [--threads 1]
+
+A budget out of reach is recorded with the search's one-line error (``error``), not as a crash.
 
 Writes ``benchmarks/results/target_latency.json``.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import compress
+from compressor.errors import PruningError
 from compressor.report import machine, versions
 
 from ._child import write_json
@@ -38,6 +41,14 @@ RESULTS = Path(__file__).parent / "results" / "target_latency.json"
 def one_run(goal: float, graph: str, threads: int | None, method: str) -> dict[str, Any]:
     """One ``compress(..., target_latency=goal)``; the search and the run's final benchmark."""
     start = time.perf_counter()
+    try:
+        return _run(goal, graph, threads, method, start)
+    except PruningError as exc:
+        return {"goal": goal, "graph": graph, "method": method, "threads": threads, "error": str(exc),
+                "run_s": round(time.perf_counter() - start, 1)}
+
+
+def _run(goal: float, graph: str, threads: int | None, method: str, start: float) -> dict[str, Any]:
     result = compress(str(MODEL), arch="resnet56", data=str(TRAIN), eval_data=str(TEST), normalize="cifar",
                       method=method, target_latency=goal, epochs=0, bn_recalib=1024, bench_batches=(1,),
                       quantize="int8" if graph == "int8" else "none", threads=threads, out=None)
@@ -61,8 +72,8 @@ def one_run(goal: float, graph: str, threads: int | None, method: str) -> dict[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--goals", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 0.35])
-    parser.add_argument("--graphs", type=lambda s: s.split(","), default=["int8", "fp32"])
+    parser.add_argument("--runs", type=lambda s: [(g, float(v)) for g, v in (r.split(":") for r in s.split(","))],
+                        default=[("int8", 0.75), ("fp32", 0.5)], help="graph:goal pairs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--method", default="l1")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -72,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: not found: {path} (the ../shared checkout)", file=sys.stderr)
             return 0
     rows = []
-    for graph in args.graphs:
-        for goal in args.goals:
-            row = one_run(goal, graph, args.threads, args.method)
-            rows.append(row)
-            print(f"{graph} goal {goal}: target {row['chosen_target']} search {row['search_ratio']} final "
-                  f"{row['final_ratio']} ({row['speedup_over_fp32_original']}x fp32 original) in "
-                  f"{row['compress_stage_s']} s", file=sys.stderr, flush=True)
-            write_json(args.out, {"benchmark": "target_latency", "command": "python -m benchmarks.target_latency "
+    for graph, goal in args.runs:
+        row = one_run(goal, graph, args.threads, args.method)
+        rows.append(row)
+        print(f"{graph} goal {goal}: " + (row["error"] if "error" in row else
+              f"target {row['chosen_target']} search {row['search_ratio']} final {row['final_ratio']} "
+              f"({row['speedup_over_fp32_original']}x fp32 original) in {row['compress_stage_s']} s"),
+              file=sys.stderr, flush=True)
+        write_json(args.out, {"benchmark": "target_latency", "command": "python -m benchmarks.target_latency "
                                   + " ".join(sys.argv[1:] if argv is None else argv),
                                   "model": "resnet56", "rows": rows, "machine": machine(), "versions": versions()})
     return 0

@@ -164,7 +164,7 @@ def _compress_and_train(original: nn.Module, prepared: stages.Prepared, method: 
     with watch.stage("bn_recalib"):
         recal = stages.recalibrate(compressed.model, prepared, cfg, device,
                                    reconstructed=bool(refit.get("refitted")))
-    if cfg.epochs == 0:
+    if not cfg.trains:
         return _Tuned(compressed, recal, None, compressed.model, compressed.records, compressed.report, recal.accuracy,
                       refit)
     with watch.stage("finetune"):

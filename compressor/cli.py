@@ -72,8 +72,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
          "--target 0.33", METHOD),
     Flag("target_latency", Optional[float], None, "Instead of --target: a latency budget, as a fraction of the "
          "original's p50 on the graph that ships (INT8 or fp32, first --bench-batch, --threads). The smallest "
-         "--target meeting it is searched by timing real compressions beside the original (6 probes; each in the "
-         "report). E.g. --target-latency 0.5", METHOD),
+         "--target meeting it is searched by timing real compressions beside the original (0.2, 0.4, 0.6, 0.8, then "
+         "3 bisection probes; each in the report). E.g. --target-latency 0.5", METHOD),
     Flag("target_metric", Optional[str], None, "What --target counts: filters (conv output channels; default for "
          "pruning), params (default for factorisation) or macs. E.g. --target-metric macs", METHOD),
     Flag("round_to", str, "auto", "Keep channel counts at multiples of K where the target allows (1 = exact; when K "
@@ -90,6 +90,8 @@ RUN_FLAGS: tuple[Flag, ...] = (
          "--calib-samples images of --data, to reproduce the original layer's output (ThiNet / He et al. 2017).",
          TUNE, ("--reconstruct/--no-reconstruct",)),
     Flag("epochs", int, 0, "Fine-tuning epochs (0 = none). E.g. --epochs 2", TUNE),
+    Flag("budget_minutes", Optional[float], None, "Instead of --epochs: fine-tune for this many wall-clock minutes, "
+         "the learning-rate schedule fitted to the time (as many epochs as fit). E.g. --budget-minutes 60", TUNE),
     Flag("lr", float, 0.01, "Peak learning rate (cosine schedule). E.g. --lr 0.01", TUNE),
     Flag("optimizer", str, "sgd", "sgd or adamw. E.g. --optimizer adamw", TUNE),
     Flag("weight_decay", float, 5e-4, "Weight decay (L2 for SGD, decoupled for AdamW). E.g. --weight-decay 1e-4",

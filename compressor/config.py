@@ -72,6 +72,9 @@ class CompressConfig:
         (INT8 when it quantises, else fp32), at the first of ``bench_batches``; the smallest fraction of
         ``target_metric`` whose compressed graph, timed beside the original, meets it is searched by measurement
         (:mod:`compressor.latency_target`; ``target`` is not used).
+    budget_minutes : float or None
+        Instead of ``epochs``: fine-tune for this many wall-clock minutes (evaluation included), the cosine schedule
+        fitted to the time, as many epochs as fit (the last one may be partial).
     reconstruct : bool
         After pruning, refit each layer whose input channels were removed by least squares on the calibration
         images, so that it reproduces the original layer's output (:mod:`compressor.reconstruct`); needs ``data``.
@@ -107,6 +110,7 @@ class CompressConfig:
     max_accuracy_drop: float = 1.0
     target_latency: float | None = None
     reconstruct: bool = True
+    budget_minutes: float | None = None
 
     def validate(self) -> CompressConfig:
         """Raise :class:`InputError` naming the first invalid option; return ``self``."""
@@ -138,13 +142,23 @@ class CompressConfig:
              f"got {self.target_latency}"),
             (self.target_latency is None or bool(self.bench_batches),
              "--target-latency times the compressed graphs; it needs a --bench-batch (not none)"),
-            (not self.at_init or self.epochs > 0,
+            (self.budget_minutes is None or (isinstance(self.budget_minutes, (int, float))
+                                             and math.isfinite(self.budget_minutes) and self.budget_minutes > 0),
+             f"--budget-minutes must be a positive number of minutes, e.g. 60; got {self.budget_minutes}"),
+            (self.budget_minutes is None or self.epochs == 0,
+             "give --epochs or --budget-minutes, not both"),
+            (not self.at_init or self.epochs > 0 or self.budget_minutes is not None,
              "--at-init prunes a randomly initialised network, which must then be trained: add --epochs N"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
         return self
+
+    @property
+    def trains(self) -> bool:
+        """Whether the fine-tuning stage runs (``epochs`` or a time budget)."""
+        return self.epochs > 0 or self.budget_minutes is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

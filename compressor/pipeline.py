@@ -145,9 +145,10 @@ def prepare(loaded: LoadedModel, data: Any, eval_data: Any, *, normalize: str, c
         raise InputError(f"--method {cfg.method} needs calibration data; pass --data")
     if cfg.quantize == "int8" and train is None:
         raise InputError("--quantize int8 calibrates on images of --data; pass --data (or use --quantize none)")
-    if cfg.epochs > 0 and train is None:
-        raise InputError(f"--epochs {cfg.epochs} needs training data; pass --data (or use --epochs 0)")
-    if method.needs_epochs() and cfg.epochs < 1:
+    if cfg.trains and train is None:
+        flag = f"--epochs {cfg.epochs}" if cfg.epochs else f"--budget-minutes {cfg.budget_minutes:g}"
+        raise InputError(f"{flag} needs training data; pass --data (or do not fine-tune)")
+    if method.needs_epochs() and not cfg.trains:
         raise InputError(f"--method {cfg.method} with these options trains while compressing; pass --epochs 1 or more")
     prepared = Prepared(example, num_classes, data_mod.parse_normalize(normalize), train, test)
     if train is not None:
@@ -295,6 +296,10 @@ def top1(model: nn.Module, prepared: Prepared, cfg: CompressConfig, device: torc
 
 
 # ----------------------------------------------------------------------------------------------------- train
+#: With ``--budget-minutes`` the time ends training; this only caps the epochs (and sizes per-step schedules).
+MAX_BUDGET_EPOCHS = 10_000
+
+
 @dataclass
 class Trained:
     """Stage 5: the fine-tuned model, the training result, and the records/report a training callback changed."""
@@ -309,8 +314,9 @@ def train(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: 
           device: torch.device) -> Trained:
     """Stage 5: fine-tune with the one :class:`~compressor.training.Trainer` (the method's callbacks included);
     a callback that changes the structure (tucker's adaptive ranks) hands back the records and report to keep."""
-    config = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                         seed=cfg.seed)
+    budget = None if cfg.budget_minutes is None else 60.0 * cfg.budget_minutes
+    config = TrainConfig(epochs=cfg.epochs if budget is None else MAX_BUDGET_EPOCHS, lr=cfg.lr,
+                         optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, seed=cfg.seed, budget_seconds=budget)
     policy = ThreadPolicy(cfg.threads)
     trainer = Trainer(config, device=device, callbacks=[*compressed.callbacks, RefreshThreads(policy)])
     with policy.apply("train"):

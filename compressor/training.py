@@ -156,7 +156,9 @@ class TrainConfig:
     (L2 for SGD, decoupled for AdamW); ``amp``: float16 autocast + GradScaler, default (None) on for CUDA, only used
     on CUDA; ``distill_temperature`` and ``distill_alpha`` (weight of the distillation term) when a teacher is given;
     ``seed``: ``torch.manual_seed`` before the optimizer is built (dropout, any global-RNG use; batch order and
-    augmentation come from the loader's own generator).
+    augmentation come from the loader's own generator). ``budget_seconds``: train until this much wall-clock time
+    has passed (evaluation included), with the cosine schedule over elapsed time instead of steps; ``epochs`` is then
+    a cap. The loop stops after the step that crosses the budget (and that epoch's evaluation).
     """
 
     epochs: int
@@ -168,6 +170,7 @@ class TrainConfig:
     distill_temperature: float = 4.0
     distill_alpha: float = 0.5
     seed: int = 0
+    budget_seconds: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -178,6 +181,8 @@ class TrainConfig:
             (_finite(self.weight_decay) and self.weight_decay >= 0,
              f"weight decay must be >= 0; got {self.weight_decay!r}"),
             (_finite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum!r}"),
+            (self.budget_seconds is None or (_finite(self.budget_seconds) and self.budget_seconds > 0),
+             f"the time budget must be a positive number of seconds; got {self.budget_seconds!r}"),
             (_finite(self.distill_temperature) and self.distill_temperature > 0
              and _finite(self.distill_alpha) and 0 <= self.distill_alpha <= 1,
              f"distillation needs temperature > 0 and alpha in [0, 1]; got {self.distill_temperature!r}, "
@@ -219,6 +224,17 @@ class TrainState:
     loss: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     is_main: bool = True
+    clock: Callable[[], float] = time.perf_counter
+    started: float = 0.0
+
+    def budget_fraction(self) -> float | None:
+        """With a time budget, the fraction of it spent (may pass 1); else None."""
+        budget = self.config.budget_seconds
+        return None if budget is None else (self.clock() - self.started) / budget
+
+    def out_of_time(self) -> bool:
+        fraction = self.budget_fraction()
+        return fraction is not None and fraction >= 1.0
 
 
 class Callback:
@@ -291,7 +307,7 @@ def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch
 class _Progress:
     """Per-epoch lines to ``log`` (stderr by default); on a terminal, also a step counter redrawn in place."""
 
-    def __init__(self, enabled: bool, log: Callable[[str], None] | None, epochs: int, steps: int) -> None:
+    def __init__(self, enabled: bool, log: Callable[[str], None] | None, epochs: int | str, steps: int) -> None:
         self.enabled, self.epochs, self.steps = enabled, epochs, steps
         self.write = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.live = enabled and log is None and sys.stderr.isatty()
@@ -338,8 +354,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, device: torch.device | str | None = None,
                  callbacks: Sequence[Callback] = (), progress: bool = True, log: Callable[[str], None] | None = None,
-                 is_main: bool = True) -> None:
-        self.config, self.callbacks = config, tuple(callbacks)
+                 is_main: bool = True, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.config, self.callbacks, self.clock = config, tuple(callbacks), clock
         self.device = torch.device(device) if device is not None else None
         self.progress, self.log, self.is_main = progress, log, is_main
 
@@ -362,8 +378,10 @@ class Trainer:
         hooks = _Hooks((*self.callbacks, *callbacks))
         torch.manual_seed(cfg.seed)
         state = TrainState(model=model.to(device), config=cfg, device=device, amp=use_amp, steps_per_epoch=steps,
-                           total_steps=cfg.epochs * steps, teacher=teacher, is_main=self.is_main)
-        bar = _Progress(self.progress and self.is_main, self.log, cfg.epochs, steps)
+                           total_steps=cfg.epochs * steps, teacher=teacher, is_main=self.is_main, clock=self.clock,
+                           started=self.clock())
+        shown = cfg.epochs if cfg.budget_seconds is None else f"? ({cfg.budget_seconds / 60:g} min budget)"
+        bar = _Progress(self.progress and self.is_main, self.log, shown, steps)
         start = time.perf_counter()
         with modes_kept(model, teacher):
             if teacher is not None:
@@ -383,8 +401,10 @@ class Trainer:
                 state.history.append(_epoch_record(state, totals, eval_loader, t0))
                 hooks("on_epoch_end", state)
                 bar.epoch(state.history[-1])
+                if state.out_of_time():
+                    break
         hooks("on_train_end", state)
-        return TrainResult(epochs=cfg.epochs, history=state.history, seconds=time.perf_counter() - start,
+        return TrainResult(epochs=len(state.history), history=state.history, seconds=time.perf_counter() - start,
                            device=str(device), amp=use_amp, model=state.model)
 
 
@@ -411,7 +431,9 @@ def _run_epoch(state: TrainState, loader: Batches, hooks: _Hooks, bar: _Progress
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     state.model.train()
     for i, (x, y) in enumerate(loader, 1):
-        state.lr = cosine_lr(state.step, state.total_steps, cfg.lr, 0)  # 1) learning rate for this step
+        fraction = state.budget_fraction()  # 1) learning rate for this step: by steps, or by time spent
+        state.lr = (cosine_lr(state.step, state.total_steps, cfg.lr, 0) if fraction is None
+                    else cosine_lr(min(int(fraction * 10_000), 10_000), 10_000, cfg.lr, 0))
         for group in state.optimizer.param_groups:
             group["lr"] = state.lr
         hooks("on_step_start", state)
@@ -437,6 +459,8 @@ def _run_epoch(state: TrainState, loader: Batches, hooks: _Hooks, bar: _Progress
         hooks("on_step_end", state)
         state.step += 1
         bar.step(state.epoch, i)
+        if state.out_of_time():
+            break
     return totals
 
 

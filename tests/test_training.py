@@ -4,6 +4,7 @@ callbacks), evaluation and BatchNorm recalibration."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from compressor.training import (
     evaluate,
     recalibrate_bn,
 )
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 def _blobs(n: int = 256, seed: int = 0) -> ImageDataset:
@@ -335,3 +338,69 @@ def test_sampler_epoch_and_quiet_workers(capsys: pytest.CaptureFixture[str]) -> 
     loader = WithSampler(batches)
     Trainer(TrainConfig(epochs=3), is_main=False).fit(_net(), loader)
     assert loader.sampler.epochs == [1, 2, 3] and capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------- time budget
+class _FakeClock:
+    """Advances one second per training step (a callback ticks it), so a budget in seconds is a budget in steps."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Tick(Callback):
+    def __init__(self, clock: _FakeClock, lrs: list[float]) -> None:
+        self.clock, self.lrs = clock, lrs
+
+    def on_step_start(self, state) -> None:
+        self.lrs.append(state.lr)
+
+    def on_step_end(self, state) -> None:
+        self.clock.now += 1.0
+
+
+def test_a_time_budget_stops_in_time_with_the_schedule_fitted_to_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    loader = [(torch.randn(8, 1, 2, 2), torch.randint(0, 2, (8,))) for _ in range(4)]  # 4 steps per epoch
+    clock, lrs = _FakeClock(), []
+    result = Trainer(TrainConfig(epochs=1000, lr=0.1, budget_seconds=10.0), device="cpu", callbacks=[_Tick(clock, lrs)],
+                     progress=False, clock=clock).fit(model, loader)
+    assert len(lrs) == 10 and clock.now == 110.0  # stopped on the step that spent the budget
+    assert result.epochs == 3 and len(result.history) == 3  # 4 + 4 + 2 steps: the last epoch is partial
+    assert lrs[0] == pytest.approx(0.1) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.9)), rel=1e-3)  # 9 s of 10 spent
+
+
+def test_a_bad_time_budget_is_a_one_line_error() -> None:
+    with pytest.raises(InputError, match="time budget must be a positive number"):
+        TrainConfig(epochs=1, budget_seconds=0.0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--budget-minutes", "0"], "--budget-minutes must be a positive number of minutes"),
+    (["--budget-minutes", "5", "--epochs", "2"], "give --epochs or --budget-minutes, not both"),
+])
+def test_bad_budget_minutes_is_a_one_line_error_and_writes_nothing(args, message, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from compressor import cli
+
+    result = CliRunner().invoke(cli.app, [str(SAMPLES / "samplenet.pt"), "--arch", "samplenet", *args,
+                                          "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_budget_minutes_fine_tunes_through_compress_and_reports_what_ran() -> None:
+    from compressor import compress
+
+    report = compress(str(SAMPLES / "samplenet.pt"), arch="samplenet", data=str(SAMPLES / "shapes_train_set.npz"),
+                      normalize="0.5,0.5,0.5/0.5,0.5,0.5", method="l1", target=0.3, budget_minutes=0.02,
+                      quantize="none", bench_batches=(), out=None).report
+    finetune = report["finetune"]
+    assert finetune["budget_minutes"] == 0.02 and finetune["epochs"] >= 1 and len(finetune["history"]) >= 1
+    assert finetune["history"][-1]["lr"] < 0.01  # the schedule was run down with the time

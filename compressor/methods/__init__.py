@@ -17,10 +17,11 @@ from .baselines import L1, Random
 from .chain import Chain
 from .cmi import CMI
 from .mipp import MIPP
+from .tp_peers import PEERS
 from .tucker import Tucker
 
 REGISTRY: Registry[type[Method]] = Registry("method")
-for _cls in (L1, Random, CMI, MIPP, Tucker):
+for _cls in (L1, Random, CMI, MIPP, Tucker, *PEERS):
     REGISTRY.add(_cls.name, _cls)
 
 

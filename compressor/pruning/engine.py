@@ -32,8 +32,8 @@ from .shortcut import customized_pruners
 
 __all__ = [
     "METRICS", "TARGET_TOLERANCE", "PruningGroup", "allocate_uniform", "apply_keep", "build_graph",
-    "discover_groups", "floor_keep", "full_tp_group", "measure", "meter", "reaches_prunable", "record_kept",
-    "removed_fraction",
+    "discover_groups", "floor_keep", "full_tp_group", "lowest_scored", "measure", "meter", "producer_segments",
+    "reaches_prunable", "record_kept", "removed_fraction",
     "uniform_keep",
 ]
 
@@ -173,8 +173,7 @@ def apply_keep(
         n_drop = g.channels - int(keep[g.root])
         if n_drop <= 0:
             continue
-        order = torch.argsort(scores[g.root].detach().float().cpu(), stable=True)
-        idxs = sorted(int(i) for i in order[:n_drop])
+        idxs = lowest_scored(scores[g.root], n_drop, producer_segments(model, graph, g))
         root = modules[g.root]
         try:
             tp_group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
@@ -192,6 +191,39 @@ def apply_keep(
             ) from exc
         removed[g.root] = idxs
     return removed
+
+
+_PRODUCERS = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels)
+
+
+def producer_segments(model: nn.Module, graph: tp.DependencyGraph, group: PruningGroup) -> list[set[int]]:
+    """The group's channels that each producing layer makes (all of them for a residual stream; one branch's for a
+    concat), as sets of the group's channel indices."""
+    return [set(int(i) for i in item.root_idxs) for item in full_tp_group(model, graph, group)
+            if item.dep.handler in _PRODUCERS]
+
+
+def lowest_scored(scores: torch.Tensor, n_drop: int, segments: Sequence[set[int]] = ()) -> list[int]:
+    """The ``n_drop`` lowest-scored channels (ties: the lower index), skipping any whose removal would leave a
+    segment (the channels one layer produces, e.g. one branch of a concat) empty: a layer never loses all its
+    outputs. Sorted.
+
+    >>> lowest_scored(torch.tensor([0.1, 0.2, 0.9, 0.8]), 2, [{0, 1}, {2, 3}])
+    [0, 3]
+    """
+    order = torch.argsort(scores.detach().float().cpu(), stable=True).tolist()
+    left = [len(seg) for seg in segments]
+    member = {c: [k for k, seg in enumerate(segments) if c in seg] for c in order}
+    drop: list[int] = []
+    for c in order:
+        if len(drop) == n_drop:
+            break
+        if any(left[k] <= 1 for k in member[c]):
+            continue
+        for k in member[c]:
+            left[k] -= 1
+        drop.append(int(c))
+    return sorted(drop)
 
 
 def record_kept(channels: dict[str, dict[str, list[int]]], graph: tp.DependencyGraph, tp_group: Any,

@@ -242,3 +242,19 @@ def test_unreachable_target_names_the_limit() -> None:
     scores = {g.root: torch.rand(g.channels) for g in groups}
     with pytest.raises(PruningError, match=r"at most 0\.\d+ can be removed with min_keep=0.5"):
         engine.allocate_uniform(model, X[:1], groups, scores, target=0.9, metric="filters", min_keep=0.5, round_to=8)
+
+
+def test_a_concat_branch_never_loses_all_its_channels_whatever_the_scores() -> None:
+    model = _model("samplenet")
+    pruned = copy.deepcopy(model)
+    graph = engine.build_graph(pruned, X[:1])
+    group = next(g for g in engine.discover_groups(pruned, graph) if g.root == "dw.0")
+    segments = engine.producer_segments(pruned, graph, group)
+    branch_b = max(segments, key=lambda s: min(s))  # the second half of the concat
+    assert len(segments) >= 2 and 0 < len(branch_b) < group.channels
+    scores = torch.tensor([-1.0 if c in branch_b else 1.0 for c in range(group.channels)])  # branch b scores lowest
+    n_drop = len(branch_b)
+    drop = engine.lowest_scored(scores, n_drop, segments)
+    assert len(drop) == n_drop and len(branch_b - set(drop)) == 1  # one of branch b stays, one of a goes instead
+    engine.apply_keep(pruned, graph, [group], {"dw.0": scores}, {"dw.0": group.channels - n_drop})
+    assert pruned(X).shape == (4, 10) and pruned.branch_b[0].out_channels == 1
