@@ -277,7 +277,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     parity = report["parity"]
     lines += ["", "## Verification", "",
               f"onnxruntime vs PyTorch on {parity['n_samples']} eval images: max abs diff "
-              f"{parity['max_abs_diff']:.3g} (atol {parity['atol']:g}), top-1 agreement "
+              f"{parity['max_abs_diff']:.3g} (tolerance atol {parity['atol']:g} + rtol {parity.get('rtol', 0):g} x "
+              f"max |output| {parity.get('scale', 0):.3g}), top-1 agreement "
               f"{100 * parity['top1_agreement']:.2f}%."]
     lines += reconstruction_lines(report.get("reconstruction"))
     bench = report.get("benchmark", {})

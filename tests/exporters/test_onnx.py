@@ -296,3 +296,13 @@ def test_exporters_never_imports_compressor():
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert not any(n.split(".")[0] == "compressor" for n in names), f"{source.name} imports compressor"
+
+
+def test_parity_tolerance_grows_with_the_size_of_the_outputs() -> None:
+    from exporters.onnx import ParityReport
+
+    small = ParityReport(1.4e-4, 1.0, 10, 1e-4, ("CPUExecutionProvider",), scale=1.0, rtol=1e-5)
+    large = ParityReport(1.4e-4, 1.0, 10, 1e-4, ("CPUExecutionProvider",), scale=15.0, rtol=1e-5)
+    assert not small.ok and large.ok and large.tolerance == pytest.approx(2.5e-4)
+    assert not ParityReport(1e-6, 0.99, 10, 1e-4, ("CPUExecutionProvider",), scale=15.0, rtol=1e-5).ok
+    assert large.to_dict()["scale"] == 15.0 and large.to_dict()["ok"]

@@ -1,0 +1,84 @@
+"""Screening: our methods against torch-pruning's own criteria (``tp-*``) at equal budget, before fine-tuning.
+
+ResNet-20 (``../shared``, CIFAR-10, test1000) at ``--target 0.5 --target-metric macs`` (half the MACs), every
+pruning method through :func:`compressor.compress` with the same budget search, ``--round-to 8``, the same
+reconstruction (``--reconstruct``, 256 calibration images) and ``--epochs 0`` by default; ``--budget-minutes M``
+adds the same time-budgeted fine-tuning to every method (the issue's screening stage uses 5). Records top-1 before
+fine-tuning (after reconstruction), after fine-tuning, the scoring and reconstruction seconds. fp32 only.
+
+Usage::
+
+    python -m benchmarks.peers_screen [--methods l1,cmi,...] [--budget-minutes 5] [--model resnet20]
+
+Writes ``benchmarks/results/peers_screen[-<minutes>min].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from compressor import compress
+from compressor.errors import CompressorError
+from compressor.report import machine, versions
+
+from ._child import write_json
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MODELS = {"resnet20": "models/cifar10-resnet/resnet20-12fca82f.th",
+          "resnet56": "models/cifar10-resnet/resnet56-4bfd9763.th"}
+TRAIN = SHARED / "data/cifar10/train.npz"
+TEST = SHARED / "data/cifar10/test1000.npz"
+METHODS = ("random", "l1", "cmi", "mipp", "tp-magnitude", "tp-lamp", "tp-bn", "tp-fpgm", "tp-taylor", "tp-hessian")
+
+
+def one_run(model: str, method: str, budget: float | None, target: float) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        report = compress(str(SHARED / MODELS[model]), arch=model, data=str(TRAIN), eval_data=str(TEST),
+                          normalize="cifar", method=method, target=target, target_metric="macs", round_to=8,
+                          budget_minutes=budget, quantize="none", bench_batches=(), seed=0, out=None).report
+    except CompressorError as exc:
+        return {"method": method, "error": str(exc), "run_s": round(time.perf_counter() - start, 1)}
+    timings = report["timings"]
+    return {"method": method, "achieved_macs": round(report["method"]["achieved"], 4),
+            "params": report["compressed"]["params"], "top1_original": report["original"]["accuracy"],
+            "top1_before_finetune": report["compressed"]["accuracy_before_finetune"],
+            "top1": report["compressed"]["accuracy"], "finetune_epochs": report["finetune"]["epochs"],
+            "compress_s": timings.get("compress"), "reconstruct_s": timings.get("reconstruct"),
+            "finetune_s": timings.get("finetune"), "run_s": round(time.perf_counter() - start, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet20")
+    parser.add_argument("--target", type=float, default=0.5, help="fraction of the MACs removed (0.5)")
+    parser.add_argument("--budget-minutes", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    for path in (SHARED / MODELS[args.model], TRAIN, TEST):
+        if not path.exists():
+            print(f"skipped: not found: {path} (the ../shared checkout)", file=sys.stderr)
+            return 0
+    suffix = "" if args.budget_minutes is None else f"-{args.budget_minutes:g}min"
+    out = args.out or Path(__file__).parent / "results" / f"peers_screen{suffix}.json"
+    rows = []
+    for method in args.methods:
+        row = one_run(args.model, method, args.budget_minutes, args.target)
+        rows.append(row)
+        print(f"{method:13s} " + (row["error"] if "error" in row else
+              f"before fine-tuning {row['top1_before_finetune']}  final {row['top1']}  ({row['run_s']} s)"),
+              file=sys.stderr, flush=True)
+        write_json(out, {"benchmark": "peers_screen", "command": "python -m benchmarks.peers_screen "
+                         + " ".join(sys.argv[1:] if argv is None else argv), "model": args.model,
+                         "target": {"fraction": args.target, "metric": "macs"}, "budget_minutes": args.budget_minutes,
+                         "rows": rows, "machine": machine(), "versions": versions()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
