@@ -26,19 +26,15 @@ from compressor.errors import CompressorError
 from compressor.report import machine, versions
 
 from ._child import write_json
+from ._paths import CHECKPOINTS, RESULTS, TEST, TRAIN, missing
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MODELS = {"resnet20": "models/cifar10-resnet/resnet20-12fca82f.th",
-          "resnet56": "models/cifar10-resnet/resnet56-4bfd9763.th"}
-TRAIN = SHARED / "data/cifar10/train.npz"
-TEST = SHARED / "data/cifar10/test1000.npz"
 METHODS = ("random", "l1", "cmi", "mipp", "tp-magnitude", "tp-lamp", "tp-bn", "tp-fpgm", "tp-taylor", "tp-hessian")
 
 
 def one_run(model: str, method: str, budget: float | None, target: float) -> dict[str, Any]:
     start = time.perf_counter()
     try:
-        report = compress(str(SHARED / MODELS[model]), arch=model, data=str(TRAIN), eval_data=str(TEST),
+        report = compress(str(CHECKPOINTS[model]), arch=model, data=str(TRAIN), eval_data=str(TEST),
                           normalize="cifar", method=method, target=target, target_metric="macs", round_to=8,
                           budget_minutes=budget, quantize="none", bench_batches=(), seed=0, out=None).report
     except CompressorError as exc:
@@ -55,17 +51,15 @@ def one_run(model: str, method: str, budget: float | None, target: float) -> dic
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    parser.add_argument("--model", choices=sorted(MODELS), default="resnet20")
+    parser.add_argument("--model", choices=sorted(CHECKPOINTS), default="resnet20")
     parser.add_argument("--target", type=float, default=0.5, help="fraction of the MACs removed (0.5)")
     parser.add_argument("--budget-minutes", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    for path in (SHARED / MODELS[args.model], TRAIN, TEST):
-        if not path.exists():
-            print(f"skipped: not found: {path} (the ../shared checkout)", file=sys.stderr)
-            return 0
+    if missing(CHECKPOINTS[args.model], TRAIN, TEST):
+        return 0
     suffix = "" if args.budget_minutes is None else f"-{args.budget_minutes:g}min"
-    out = args.out or Path(__file__).parent / "results" / f"peers_screen{suffix}.json"
+    out = args.out or RESULTS / f"peers_screen{suffix}.json"
     rows = []
     for method in args.methods:
         row = one_run(args.model, method, args.budget_minutes, args.target)

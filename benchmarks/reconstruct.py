@@ -29,12 +29,9 @@ from compressor import compress
 from compressor.report import machine, versions
 
 from ._child import write_json
+from ._paths import CHECKPOINTS, RESULTS, TEST, TRAIN, missing
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MODEL = SHARED / "models/cifar10-resnet/resnet56-4bfd9763.th"
-TRAIN = SHARED / "data/cifar10/train.npz"
-TEST = SHARED / "data/cifar10/test1000.npz"
-RESULTS = Path(__file__).parent / "results" / "reconstruct.json"
+MODEL = CHECKPOINTS["resnet56"]
 
 
 def one_run(method: str, reconstruct: bool, calib: int, round_to: int, target: float, epochs: int) -> dict[str, Any]:
@@ -65,12 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--target", type=float, default=0.33)
     parser.add_argument("--epochs", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "reconstruct.json")
     args = parser.parse_args(argv)
-    for path in (MODEL, TRAIN, TEST):
-        if not path.exists():
-            print(f"skipped: not found: {path} (the ../shared checkout)", file=sys.stderr)
-            return 0
+    if missing(MODEL, TRAIN, TEST):
+        return 0
     rows = []
     for method in args.methods:
         rows.append(one_run(method, False, args.calib[0], args.round_to, args.target, args.epochs))

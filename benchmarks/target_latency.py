@@ -30,12 +30,9 @@ from compressor.errors import PruningError
 from compressor.report import machine, versions
 
 from ._child import write_json
+from ._paths import CHECKPOINTS, RESULTS, TEST, TRAIN, missing
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MODEL = SHARED / "models/cifar10-resnet/resnet56-4bfd9763.th"
-TRAIN = SHARED / "data/cifar10/train.npz"
-TEST = SHARED / "data/cifar10/test1000.npz"
-RESULTS = Path(__file__).parent / "results" / "target_latency.json"
+MODEL = CHECKPOINTS["resnet56"]
 
 
 def one_run(goal: float, graph: str, threads: int | None, method: str) -> dict[str, Any]:
@@ -57,7 +54,7 @@ def _run(goal: float, graph: str, threads: int | None, method: str, start: float
     search = report["method"]["latency_target"]
     key = "compressed.int8" if graph == "int8" else "compressed"
     base = "original.int8" if graph == "int8" else "original"
-    lat = report["latency"][1]
+    lat = report["latency"].get(1) or report["latency"]["1"]
     final = lat[key]["p50_ms"] / lat[base]["p50_ms"]
     return {"goal": goal, "graph": graph, "method": method, "threads": threads, "chosen_target": search["target"],
             "search_ratio": search["ratio"], "final_ratio": round(final, 4),
@@ -76,12 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                         default=[("int8", 0.75), ("fp32", 0.5)], help="graph:goal pairs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--method", default="l1")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "target_latency.json")
     args = parser.parse_args(argv)
-    for path in (MODEL, TRAIN, TEST):
-        if not path.exists():
-            print(f"skipped: not found: {path} (the ../shared checkout)", file=sys.stderr)
-            return 0
+    if missing(MODEL, TRAIN, TEST):
+        return 0
     rows = []
     for graph, goal in args.runs:
         row = one_run(goal, graph, args.threads, args.method)

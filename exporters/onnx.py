@@ -315,7 +315,7 @@ def check_parity(
     *,
     atol: float = 1e-4,
     providers: Sequence[str] | None = None,
-    rtol: float = 1e-5,
+    rtol: float = 1e-4,
 ) -> ParityReport:
     """Run the same batches through PyTorch (CPU, float32, eval, no_grad) and onnxruntime, and compare.
 
@@ -337,8 +337,9 @@ def check_parity(
     providers : sequence of str, optional
         onnxruntime providers; default CPU only. Each requested non-CPU provider must be active after read-back.
     rtol : float
-        Relative tolerance: ``max_abs_diff <= atol + rtol * max |y_torch|`` passes (1e-5: float32 round-off summed
-        over a deep network; a reconstructed ResNet-56 differed by 1.4e-4 on logits of ~15 with every top-1 equal).
+        Relative tolerance: ``max_abs_diff <= atol + rtol * max |y_torch|`` passes (1e-4: float32 round-off summed
+        over a deep network; reconstructed ResNet-56s differed by 1.4e-4 and 5.7e-4 on logits of ~15-20 with every
+        top-1 equal. An export bug shows as differences of order 1 or top-1 disagreement).
 
     Returns
     -------

@@ -41,3 +41,23 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def api_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[dict]:
+    """Replace ``compressor.api.compress`` (and the table) so a CLI invocation only records the keyword arguments
+    it would have passed: one dict per call, ``model`` included."""
+    calls: list[dict] = []
+
+    class _Result:
+        report: dict = {}
+        files: dict = {}
+        out_dir = tmp_path
+
+    def fake(model, **kwargs):
+        calls.append({"model": model, **kwargs})
+        return _Result()
+
+    monkeypatch.setattr("compressor.api.compress", fake)
+    monkeypatch.setattr("compressor.report.print_table", lambda report: None)
+    return calls

@@ -150,18 +150,9 @@ def test_bad_target_latency_is_a_one_line_error_and_writes_nothing(args: list[st
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
-def test_without_target_latency_the_cli_target_defaults_to_a_third(monkeypatch, tmp_path: Path) -> None:
-    seen = []
-
-    class _Result:
-        report: dict = {}
-        files: dict = {}
-        out_dir = tmp_path
-
-    monkeypatch.setattr("compressor.api.compress", lambda model, **kw: seen.append(
-        (kw.get("target"), kw["target_latency"], kw["out"].name)) or _Result())
-    monkeypatch.setattr("compressor.report.print_table", lambda report: None)
+def test_without_target_latency_the_cli_target_defaults_to_a_third(api_calls, tmp_path: Path) -> None:
     model = tmp_path / "m.pt"
     for args in ([], ["--target", "0.5"], ["--target-latency", "0.4"]):
         assert CliRunner().invoke(cli.app, [str(model), *args]).exit_code == 0
+    seen = [(c.get("target"), c["target_latency"], c["out"].name) for c in api_calls]
     assert seen == [(None, None, "m-l1-0.33"), (0.5, None, "m-l1-0.5"), (None, 0.4, "m-l1-latency0.4")]

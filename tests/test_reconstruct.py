@@ -135,15 +135,6 @@ def test_reconstruction_without_calibration_data_is_skipped_and_says_why() -> No
 
 
 @pytest.mark.parametrize("flag", ["--no-reconstruct", "--reconstruct"])
-def test_the_reconstruct_flag_reaches_the_api(flag: str, monkeypatch, tmp_path: Path) -> None:
-    seen = []
-
-    class _Result:
-        report: dict = {}
-        files: dict = {}
-        out_dir = tmp_path
-
-    monkeypatch.setattr("compressor.api.compress", lambda model, **kw: seen.append(kw["reconstruct"]) or _Result())
-    monkeypatch.setattr("compressor.report.print_table", lambda report: None)
+def test_the_reconstruct_flag_reaches_the_api(flag: str, api_calls, tmp_path: Path) -> None:
     assert CliRunner().invoke(cli.app, [str(tmp_path / "m.pt"), flag]).exit_code == 0
-    assert seen == [flag == "--reconstruct"]
+    assert [c["reconstruct"] for c in api_calls] == [flag == "--reconstruct"]

@@ -188,17 +188,8 @@ def test_a_bad_round_to_is_a_one_line_error(value: str, message: str, tmp_path: 
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
-def test_round_to_auto_and_integers_reach_the_api(monkeypatch, tmp_path: Path) -> None:
-    seen = []
-
-    class _Result:
-        report: dict = {}
-        files: dict = {}
-        out_dir = tmp_path
-
-    monkeypatch.setattr("compressor.api.compress", lambda model, **kw: seen.append(kw["round_to"]) or _Result())
-    monkeypatch.setattr("compressor.report.print_table", lambda report: None)
+def test_round_to_auto_and_integers_reach_the_api(api_calls, tmp_path: Path) -> None:
     for value in ("auto", "AUTO", "16"):
         assert CliRunner().invoke(cli.app, [str(tmp_path / "m.pt"), "--round-to", value]).exit_code == 0
     assert CliRunner().invoke(cli.app, [str(tmp_path / "m.pt")]).exit_code == 0
-    assert seen == ["auto", "auto", 16, "auto"]
+    assert [c["round_to"] for c in api_calls] == ["auto", "auto", 16, "auto"]
