@@ -217,7 +217,7 @@ def _meet_latency(source: nn.Module, original: nn.Module, method: Method, ctx: M
     """Stage 3 with ``--target-latency``: the smallest fraction of the metric whose compressed graph runs within
     the budget (:func:`compressor.latency_target.search_target`); with ``--round-to auto`` the first probe picks the
     alignment and the others keep it."""
-    timer = latency_measure(prepared, cfg)
+    timer = replace(latency_measure(prepared, cfg), reference=original)  # the original is exported once
     state: dict[str, Any] = {"ctx": ctx}
 
     def build(t: float) -> latency_target.Built:

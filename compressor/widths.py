@@ -182,6 +182,10 @@ class OnnxLatency:
     INT8 uses :data:`compressor.quantize.DEFAULT_FORMAT` (U8 activations, S8 per-channel weights: the format the run's
     INT8 stage measured fastest on x86; that stage still times U8 against S8 for the shipped graph) calibrated on
     the first :data:`TIMING_CALIB_IMAGES` images: latency depends on the graph, not on the calibrated ranges.
+
+    ``reference``: a model timed in many calls (the original, beside each ``--target-latency`` probe) is exported and
+    quantised once, on its first call, and its graph reused while this object lives (identity, not equality: it must
+    not change in between).
     """
 
     example: torch.Tensor
@@ -190,6 +194,8 @@ class OnnxLatency:
     calib: Sequence[np.ndarray] | None = None
     repeats: int = 50
     seed: int = 0
+    reference: nn.Module | None = None
+    _kept: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def graph(self) -> str:
@@ -200,19 +206,30 @@ class OnnxLatency:
         """How candidates are timed, for the report."""
         return {"graph": self.graph, "batch": self.batch, "threads": self.threads, "repeats": self.repeats}
 
-    def __call__(self, models: Mapping[int, nn.Module]) -> dict[int, float]:
+    def _graph(self, model: nn.Module, folder: Path, stem: str, calib: list[np.ndarray] | None) -> Path:
+        """``model`` exported (and quantised with ``calib``) into ``folder``; returns the graph to time."""
         from exporters import export_onnx
 
         from .quantize import quantize_int8
 
+        fp32 = folder / f"{stem}.onnx"
+        export_onnx(copy.deepcopy(model).cpu().eval(), fp32, self.example.cpu())
+        return fp32 if calib is None else quantize_int8(fp32, fp32.with_name(f"{stem}.int8.onnx"), calib)
+
+    def _reference_graph(self, calib: list[np.ndarray] | None) -> Path:
+        assert self.reference is not None
+        if "path" not in self._kept:
+            self._kept["dir"] = tempfile.TemporaryDirectory(prefix="compressor-reference-")  # removed with self
+            self._kept["path"] = self._graph(self.reference, Path(self._kept["dir"].name), "reference", calib)
+        return Path(self._kept["path"])
+
+    def __call__(self, models: Mapping[int, nn.Module]) -> dict[int, float]:
         calib = _timing_calib(self.calib) if self.calib is not None else None
         with tempfile.TemporaryDirectory(prefix="compressor-widths-") as tmp:
-            paths = {}
-            for k, model in models.items():
-                fp32 = Path(tmp) / f"round_to_{k}.onnx"
-                export_onnx(copy.deepcopy(model).cpu().eval(), fp32, self.example.cpu())
-                paths[f"round_to={k}"] = fp32 if calib is None else quantize_int8(
-                    fp32, fp32.with_name(f"round_to_{k}.int8.onnx"), calib)
+            paths = {f"round_to={k}": (self._reference_graph(calib) if self.reference is not None
+                                       and model is self.reference else self._graph(model, Path(tmp), f"round_to_{k}",
+                                                                                   calib))
+                     for k, model in models.items()}
             p50 = time_graphs(paths, input_shape=tuple(self.example.shape[1:]), batch=self.batch,
                               threads=self.threads, repeats=self.repeats, seed=self.seed)
         return {k: p50[f"round_to={k}"] for k in models}

@@ -193,3 +193,24 @@ def test_round_to_auto_and_integers_reach_the_api(api_calls, tmp_path: Path) -> 
         assert CliRunner().invoke(cli.app, [str(tmp_path / "m.pt"), "--round-to", value]).exit_code == 0
     assert CliRunner().invoke(cli.app, [str(tmp_path / "m.pt")]).exit_code == 0
     assert [c["round_to"] for c in api_calls] == ["auto", "auto", 16, "auto"]
+
+
+def test_a_reference_model_is_exported_once_and_timed_in_every_call(monkeypatch) -> None:
+    import exporters
+
+    exported = []
+    real = exporters.export_onnx
+
+    def counting(model, path, example):
+        exported.append(Path(path).name)
+        return real(model, path, example)
+
+    monkeypatch.setattr(exporters, "export_onnx", counting)
+    monkeypatch.setattr(widths, "time_graphs", lambda paths, **kw: {name: 1.0 for name in paths})
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    measure = widths.OnnxLatency(torch.zeros(1, 3, 8, 8), reference=original)
+    for _ in range(3):
+        assert measure({0: original, 1: nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten())}) == {0: 1.0, 1: 1.0}
+    assert exported.count("reference.onnx") == 1 and exported.count("round_to_1.onnx") == 3
+    assert "round_to_0.onnx" not in exported
