@@ -10,7 +10,9 @@ For every pruning group the scorer
    ``condition``: nothing (``layer``), the kept channels of all groups processed before (``full``), or of the
    adjacent processed group(s) (``compact``);
 3. cuts each ranking with ``cutoff``: ``target`` (keep counts allocated from all curves to meet ``--target``),
-   ``scree`` (elbow of the curve) or ``permutation`` (stop when a newly added channel is not significant).
+   ``scree`` (elbow of the curve) or ``permutation`` (stop when a newly added channel is not significant); or
+   ``uniform``: only the rankings, the keep counts from the same uniform schedule as ``l1`` (to compare criteria at
+   equal widths: issue 13's screening found ``target``'s own widths cost accuracy before fine-tuning).
 
 Groups are processed in network order (the order in which their captured maps are computed), or, with
 ``direction="bidirectional"``, outward from the group with the highest pruning fraction in an unconditioned
@@ -50,7 +52,7 @@ from .prune import PruneMethod, Scores, ScoringContext
 __all__ = ["CMI", "CMIOptions", "Tap", "allocate", "capture", "find_taps"]
 
 CONDITIONS = ("layer", "full", "compact")
-CUTOFFS = ("target", "scree", "permutation")
+CUTOFFS = ("target", "scree", "permutation", "uniform")
 DIRECTIONS = ("forward", "bidirectional")
 WIDTH_RULES = ("median", "silverman")
 PERMUTATIONS = 100
@@ -70,7 +72,8 @@ class CMIOptions:
                                           "layers), compact (the adjacent earlier layer)", example="compact",
                             choices=CONDITIONS)
     cutoff: str = option("target", help="where to cut each layer's ranking: target (meet --target), scree (elbow), "
-                                        "permutation (test)", example="scree", choices=CUTOFFS)
+                                        "permutation (test), uniform (the rankings only; every layer shrinks at the "
+                                        "same pace, as for l1)", example="uniform", choices=CUTOFFS)
     direction: str = option("forward", help="forward (first layer to last) or bidirectional (outward from the most "
                                             "pruned layer)", example="bidirectional", choices=DIRECTIONS)
     kernel_width: float | str = option("median", help="Gaussian kernel width: median (per variable), silverman, or "
@@ -314,6 +317,8 @@ def _select(ctx: ScoringContext, roots: list[str], grams: _Grams, a_y: torch.Ten
                          round_to=ctx.round_to, generator=generator)
 
     def counts(layers: dict[str, _Layer]) -> tuple[dict[str, int], budget.Allocation | None]:
+        if opts.cutoff == "uniform":  # the engine's uniform schedule decides
+            return {}, None
         if opts.cutoff != "target":
             return {r: int(layers[r].keep or 0) for r in roots}, None
         began = time.perf_counter()
@@ -349,12 +354,13 @@ def _width_summary(grams: _Grams) -> dict[str, Any]:
     return {"rule": rule, "min": round(q[0], 5), "median": round(q[1], 5), "max": round(q[2], 5)}
 
 
-def _layer_info(tap: Tap, layer: _Layer, keep: int) -> dict[str, Any]:
+def _layer_info(tap: Tap, layer: _Layer, keep: int | None) -> dict[str, Any]:
     chosen = layer.selection
     shown = min(chosen.sufficient, 32) + 1
     info: dict[str, Any] = {
         "root": tap.root, "tap": tap.module + (" (output)" if tap.output else " (input)"),
-        "channels": int(chosen.order.numel()), "keep": int(keep), "sufficient": chosen.sufficient,
+        "channels": int(chosen.order.numel()), "keep": None if keep is None else int(keep),
+        "sufficient": chosen.sufficient,
         "curve": [round(float(v), 4) for v in chosen.remaining[:shown]],
     }
     if layer.pvalues is not None:
@@ -397,9 +403,9 @@ class CMI(PruneMethod):
             "seconds": {"capture": round(captured - start, 3),
                         "select": round(done - captured - plan.allocate_seconds, 3),
                         "allocate": round(plan.allocate_seconds, 3), "total": round(done - start, 3)},
-            "keep": {r: int(plan.keep[r]) for r in roots},
-            "layers": [_layer_info(t, plan.layers[t.root], plan.keep[t.root]) for t in taps],
+            "keep": {r: int(plan.keep[r]) for r in roots if r in plan.keep},
+            "layers": [_layer_info(t, plan.layers[t.root], plan.keep.get(t.root)) for t in taps],
         }
         if plan.allocation is not None:
             report["allocation"] = plan.allocation.summary()
-        return Scores(_scores(plan.layers), keep=dict(plan.keep), report=report)
+        return Scores(_scores(plan.layers), keep=dict(plan.keep) or None, report=report)

@@ -350,3 +350,14 @@ def test_hooks_are_removed_when_the_forward_pass_fails() -> None:
         cmi.CMI().score(ctx)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in ctx.model.modules())
     assert isinstance(ctx.model, nn.Module)
+
+
+def test_uniform_cutoff_keeps_cmis_ranking_with_l1s_widths(random_npz: str) -> None:
+    model = create_model("samplenet").eval()
+    common = dict(data=random_npz, target=0.4, target_metric="filters", bench_batches=(), calib_samples=64,
+                  quantize="none", round_to=1)
+    uniform = compress(model, method="cmi", method_options={"cmi_cutoff": "uniform"}, **common).report["method"]
+    l1 = compress(model, method="l1", **common).report["method"]
+    assert [g["keep"] for g in uniform["groups"]] == [g["keep"] for g in l1["groups"]]  # same widths as l1
+    assert uniform["cmi"]["cutoff"] == "uniform" and uniform["cmi"]["keep"] == {}
+    assert abs(uniform["achieved"] - 0.4) <= engine.TARGET_TOLERANCE and "allocation" in uniform
