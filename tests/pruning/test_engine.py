@@ -160,17 +160,19 @@ def test_classifier_outputs_and_ignored_layers_are_never_pruned() -> None:
 
 
 class _Opaque(nn.Module):
-    """A residual block whose shortcut slices channels with a lambda-like op torch-pruning cannot follow."""
+    """A per-channel offset kept in a plain buffer: torch-pruning prunes the conv but cannot know the buffer follows
+    its channels, so the pruned model fails at the add (a concat branch emptied used to be the example; the engine
+    now never empties a layer)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.body = nn.Conv2d(8, 16, 3, padding=1)
         self.head = nn.Linear(16, 2)
+        self.register_buffer("offset", torch.randn(1, 16, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        z = self.body(y) + torch.cat([y, y[:, :8] * 0], 1)  # channel padding the graph cannot map
+        z = self.body(self.conv(x)) + self.offset
         return self.head(z.mean((2, 3)))
 
 
@@ -178,7 +180,7 @@ def test_group_that_breaks_the_model_is_named() -> None:
     model = _Opaque().eval()
     graph = engine.build_graph(model, X[:1])
     groups = engine.discover_groups(model, graph)
-    scores = {g.root: torch.arange(g.channels, dtype=torch.float) for g in groups}
+    scores = {g.root: (torch.arange(g.channels) % 2).float() for g in groups}  # drop every other channel
     keep = {g.root: g.channels // 2 for g in groups}
     reference = model(X).shape
 
