@@ -5,6 +5,7 @@ pruning method through :func:`compressor.compress` with the same budget search, 
 reconstruction (``--reconstruct``, 256 calibration images) and ``--epochs 0`` by default; ``--budget-minutes M``
 adds the same time-budgeted fine-tuning to every method (the issue's screening stage uses 5). Records top-1 before
 fine-tuning (after reconstruction), after fine-tuning, the scoring and reconstruction seconds. fp32 only.
+``--distill`` fine-tunes with distillation from the original (issue 13, item 2: is it worth being the default?).
 
 Usage::
 
@@ -35,14 +36,15 @@ METHODS = ("random", "l1", "cmi", "cmi-uniform", "mipp", "tp-magnitude", "tp-lam
 VARIANTS = {"cmi-uniform": ("cmi", {"cmi_cutoff": "uniform"})}
 
 
-def one_run(model: str, method: str, budget: float | None, target: float) -> dict[str, Any]:
+def one_run(model: str, method: str, budget: float | None, target: float, distill: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     name, options = VARIANTS.get(method, (method, {}))
     try:
         report = compress(str(CHECKPOINTS[model]), arch=model, data=str(TRAIN), eval_data=str(TEST),
                           normalize="cifar", method=name, method_options=options, target=target,
                           target_metric="macs", round_to=8,
-                          budget_minutes=budget, quantize="none", bench_batches=(), seed=0, out=None).report
+                          budget_minutes=budget, distill=distill, quantize="none", bench_batches=(), seed=0,
+                          out=None).report
     except CompressorError as exc:
         return {"method": method, "error": str(exc), "run_s": round(time.perf_counter() - start, 1)}
     timings = report["timings"]
@@ -60,22 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(CHECKPOINTS), default="resnet20")
     parser.add_argument("--target", type=float, default=0.5, help="fraction of the MACs removed (0.5)")
     parser.add_argument("--budget-minutes", type=float, default=None)
+    parser.add_argument("--distill", action="store_true", help="fine-tune with distillation from the original")
     parser.add_argument("--out", type=Path, default=None, help="results file; rows already there for other methods "
                         "are kept (so methods can be added in later runs)")
     args = parser.parse_args(argv)
     if missing(CHECKPOINTS[args.model], TRAIN, TEST):
         return 0
-    suffix = "" if args.budget_minutes is None else f"-{args.budget_minutes:g}min"
+    suffix = ("" if args.budget_minutes is None else f"-{args.budget_minutes:g}min") + ("-distill" if args.distill
+                                                                                        else "")
     out = args.out or RESULTS / f"peers_screen{suffix}.json"
     settings = {"model": args.model, "target": {"fraction": args.target, "metric": "macs"},
-                "budget_minutes": args.budget_minutes}
+                "budget_minutes": args.budget_minutes, "distill": args.distill}
     earlier = json.loads(out.read_text()) if out.exists() else {}
     same = earlier and all(earlier.get(k) == v for k, v in settings.items())
     rows = [r for r in earlier.get("rows", []) if r["method"] not in args.methods] if same else []
     commands = (earlier.get("commands", []) if same else []) + [
         "python -m benchmarks.peers_screen " + " ".join(sys.argv[1:] if argv is None else argv)]
     for method in args.methods:
-        row = one_run(args.model, method, args.budget_minutes, args.target)
+        row = one_run(args.model, method, args.budget_minutes, args.target, args.distill)
         rows.append(row)
         print(f"{method:13s} " + (row["error"] if "error" in row else
               f"before fine-tuning {row['top1_before_finetune']}  final {row['top1']}  ({row['run_s']} s)"),
