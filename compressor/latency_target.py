@@ -12,8 +12,9 @@ accuracy.
 1. A coarse grid, smallest first: ``t = 0.2, 0.4, 0.6, 0.8`` (:data:`GRID` points up to :data:`MAX_TARGET`), until
    one meets ``F`` (a fraction the method cannot reach ends the grid). None does: the budget is out of reach, and a
    one-line error names the best ratio measured. The grid starts small because latency is *not* monotone in ``t``
-   at the extremes: on ResNet-56 INT8 at batch 1, removing 0.8 of the filters ran at 0.92x the original (the
-   kernels of 2-4 channel layers and the per-node overhead dominate), above what a third removed gives.
+   at the extremes: on ResNet-56 INT8 at batch 1, one thread, removing 0.8 of the filters (``l1``, ``--round-to
+   16``) ran at 1/1.06 of the INT8 original's latency (the per-node overhead dominates), worse than 0.4 removed
+   (0.79 in ``benchmarks/results/target_latency-int8-0.8.json``; the command is in the README).
 2. Bisect between the last grid miss and the first hit (:data:`PROBES` probes): a probe that meets ``F`` becomes
    the new upper end, one that misses the lower end.
 3. Keep the smallest ``t`` whose probe met ``F``. Every probe (``t``, achieved fraction, MACs, both p50s, the ratio)
@@ -27,15 +28,16 @@ search's cost by 6.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .errors import PruningError
+from .widths import Built, Measure  # a probe is built like an alignment candidate (``key`` unused), timed alike
 
-__all__ = ["GRID", "MAX_TARGET", "PROBES", "LatencyChoice", "Probe", "search_target"]
+__all__ = ["GRID", "MAX_TARGET", "PROBES", "Built", "LatencyChoice", "Probe", "search_target"]
 
 #: The largest fraction probed.
 MAX_TARGET = 0.8
@@ -44,8 +46,6 @@ GRID = 4
 #: Bisection probes after the grid.
 PROBES = 3
 
-#: Times models together: ``{key: model} -> {key: p50 ms}`` (:class:`compressor.widths.OnnxLatency`).
-Timer = Callable[[Mapping[int, nn.Module]], Mapping[int, float]]
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,6 @@ class Probe:
 
 
 @dataclass(frozen=True)
-class Built:
-    """A compression at one fraction: the model, the fraction achieved, its MACs, and what the builder wants back."""
-
-    model: nn.Module
-    achieved: float
-    macs: int
-    result: Any = None
-
-
-@dataclass(frozen=True)
 class LatencyChoice:
     """The smallest fraction that met the budget (``chosen``), its build, and every probe in the order made."""
 
@@ -98,7 +88,7 @@ class LatencyChoice:
                 **self.notes, **how}
 
 
-def search_target(build: Callable[[float], Built], timer: Timer, original: nn.Module, goal: float, *,
+def search_target(build: Callable[[float], Built], timer: Measure, original: nn.Module, goal: float, *,
                   high: float = MAX_TARGET, grid: int = GRID, probes: int = PROBES) -> LatencyChoice:
     """The smallest fraction ``t`` whose compression ``build(t)`` runs within ``goal`` x the original's latency.
 

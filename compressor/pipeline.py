@@ -229,7 +229,7 @@ def _meet_latency(source: nn.Module, original: nn.Module, method: Method, ctx: M
             state["round_to"] = chosen
             state["ctx"] = replace(ctx, budget=replace(ctx.budget, round_to=int(chosen)), latency=None)
         done = achieved(original, result.model, prepared.example, ctx.budget.metric)
-        return latency_target.Built(result.model, done, count_macs(result.model, prepared.example), result)
+        return latency_target.Built(result.model, done, count_macs(result.model, prepared.example), result=result)
 
     choice = latency_target.search_target(build, timer, original, float(cfg.target_latency or 0.0))
     result = choice.built.result

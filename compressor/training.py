@@ -433,7 +433,7 @@ def _run_epoch(state: TrainState, loader: Batches, hooks: _Hooks, bar: _Progress
     for i, (x, y) in enumerate(loader, 1):
         fraction = state.budget_fraction()  # 1) learning rate for this step: by steps, or by time spent
         state.lr = (cosine_lr(state.step, state.total_steps, cfg.lr, 0) if fraction is None
-                    else cosine_lr(min(int(fraction * 10_000), 10_000), 10_000, cfg.lr, 0))
+                    else 0.5 * cfg.lr * (1 + math.cos(math.pi * min(fraction, 1.0))))
         for group in state.optimizer.param_groups:
             group["lr"] = state.lr
         hooks("on_step_start", state)

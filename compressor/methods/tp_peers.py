@@ -15,8 +15,9 @@ tp-taylor       ``GroupTaylorImportance`` (Molchanov 2019)   gradients of the lo
 tp-hessian      ``GroupHessianImportance`` (OBD, LeCun 1989) squared per-image gradients, first 64 calibration images
 ==============  ===========================================  ====================================================
 
-Gradients are computed on the model in eval mode (BatchNorm statistics untouched) and cleared afterwards, so the
-scored model is left as it was.
+Gradients are computed on the model in eval mode (BatchNorm statistics untouched); gradients, ``requires_grad`` and
+train/eval flags are restored afterwards, so the scored model is left as it was. The six classes below are
+declarations (name, summary, the torch-pruning class, what data it needs); the work is in :class:`TpPeer`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..pruning.engine import full_tp_group
+from ..training import modes_kept
 from .prune import PruneMethod, Scores, ScoringContext
 
 __all__ = ["PEERS", "TpBN", "TpFPGM", "TpHessian", "TpLAMP", "TpMagnitude", "TpTaylor"]
@@ -68,17 +70,18 @@ def _gradients(ctx: ScoringContext, imp: Any, kind: str) -> Iterator[None]:
         return
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(True)
-            p.grad = None
-        model.eval()
-        (_batch_gradients if kind == "batch" else _per_image_gradients)(model, imp, ctx)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.grad = None
-            p.requires_grad_(flag)
+    with modes_kept(model):
+        try:
+            for p in params:
+                p.requires_grad_(True)
+                p.grad = None
+            model.eval()
+            (_batch_gradients if kind == "batch" else _per_image_gradients)(model, imp, ctx)
+            yield
+        finally:
+            for p, flag in zip(params, flags):
+                p.grad = None
+                p.requires_grad_(flag)
 
 
 def _batches(ctx: ScoringContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
