@@ -22,7 +22,7 @@ Suites:
 * ``deploy`` (issue 12): what ships. ResNet-56 (``../shared``, real top-1) with ``l1``, ``cmi``, ``mipp`` at a third of
   the filters and ``tucker`` at a third of the params, each pruning method at ``--round-to`` 8, 16 and ``auto`` (when
   this checkout's :class:`compressor.config.CompressConfig` accepts it; tucker's ranks are not aligned, so it runs
-  once); and torchvision's ResNet-18 and MobileNetV2 at 224x224 (model code only, random weights, 1000 classes:
+  once); and torchvision's ResNet-18, ResNet-50 and MobileNetV2 at 224x224 (model code only, random weights, 1000 classes:
   latency only, see :mod:`benchmarks.torchvision_models`) with ``l1`` at 0.33. Every row quantises both graphs to
   INT8 and times all four (fp32/INT8 x original/compressed) interleaved on one thread (every stage runs on one
   thread: the machine's two cores are shared). ResNet-56 gets the ``cpu`` suite's small budget (1 epoch on 10,000
@@ -170,6 +170,8 @@ MODELS = {
     "samplenet": ModelSpec("samplenet", "samplenet.pt", None, SHAPES),
     "resnet18": ModelSpec("resnet18", None, f"{TORCHVISION_MODELS}:resnet18", NOISE224, latency_only=True,
                           overrides=LATENCY_ONLY, description="torchvision's ResNet-18, 224x224, 1000 classes"),
+    "resnet50": ModelSpec("resnet50", None, f"{TORCHVISION_MODELS}:resnet50", NOISE224, latency_only=True,
+                          overrides=LATENCY_ONLY, description="torchvision's ResNet-50, 224x224, 1000 classes"),
     "mobilenet_v2": ModelSpec("mobilenet_v2", None, f"{TORCHVISION_MODELS}:mobilenet_v2", NOISE224,
                               latency_only=True, overrides=LATENCY_ONLY,
                               description="torchvision's MobileNetV2, 224x224, 1000 classes"),
@@ -184,11 +186,13 @@ def grid(models: Iterable[str], methods: Iterable[str],
 
 def deploy_grid() -> tuple[Config, ...]:
     """Issue 12's deployment grid, most wanted rows first (a resumed run fills the rest): ResNet-56 ``l1`` and
-    ``mipp`` and ResNet-18 ``l1`` at ``--round-to`` 16 and 8, then MobileNetV2, ``cmi``, ``tucker``, then ``auto``."""
+    ``mipp`` and ResNet-18 ``l1`` at ``--round-to`` 16 and 8, then MobileNetV2, ``cmi``, ResNet-50, ``tucker``, then
+    ``auto``."""
     def rows(model: str, method: str, aligns: tuple[int | str | None, ...]) -> tuple[Config, ...]:
         return tuple(Config(model, method, 0.33, None, r) for r in aligns)
 
-    order = (("resnet56", "l1"), ("resnet18", "l1"), ("resnet56", "mipp"), ("mobilenet_v2", "l1"), ("resnet56", "cmi"))
+    order = (("resnet56", "l1"), ("resnet18", "l1"), ("resnet56", "mipp"), ("mobilenet_v2", "l1"), ("resnet56", "cmi"),
+             ("resnet50", "l1"))
     fixed = [c for model, method in order for c in rows(model, method, (16, 8))]
     auto = [c for model, method in order for c in rows(model, method, ("auto",))]
     return (*fixed, *rows("resnet56", "tucker", (None,)), *auto)
@@ -221,7 +225,7 @@ SUITES = {
     "deploy": Suite(
         "deploy", ("Deployment (issue 12): fp32 and INT8 of the original and the compressed graph, timed interleaved "
                    "on one thread; ResNet-56 (trained; 1 epoch on 10,000 images after compression) and torchvision's "
-                   "ResNet-18 and MobileNetV2 at 224x224 (random weights: latency only)"),
+                   "ResNet-18, ResNet-50 and MobileNetV2 at 224x224 (random weights: latency only)"),
         Budget(epochs=1, train_images=10000, bench_repeats=50, threads=1, quantize="int8"), timeout_s=3600,
         grid=deploy_grid(),
         notes=("torchvision models: model code only, seeded random weights, 1000 classes, 224x224 noise images to "
