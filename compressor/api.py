@@ -204,14 +204,16 @@ def _report(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, prepared: s
         tuned.compressed, tuned.method_report, cfg,
         achieved=stages.achieved(original, model, example, compressed_metric(cfg, method)),
         bn_recalib_images=tuned.recalibrated.images)
-    sizes = exported.onnx_bytes()
+    sizes, deflated = exported.onnx_bytes(), exported.deflated_bytes()
     return report_mod.assemble(
         tool={"name": "compressor", "command": command},
         model={"path": loaded.source, "arch": loaded.arch, "input_shape": list(example.shape[1:]),
                "num_classes": prepared.num_classes},
         method=section,
-        original={**stages.sizes(original, example), "onnx_bytes": sizes["original"], "accuracy": accuracy_original},
-        compressed={**stages.sizes(model, example), "onnx_bytes": sizes["compressed"], "accuracy": tuned.accuracy,
+        original={**stages.sizes(original, example), "onnx_bytes": sizes["original"],
+                  "onnx_deflated_bytes": deflated["original"], "accuracy": accuracy_original},
+        compressed={**stages.sizes(model, example), "onnx_bytes": sizes["compressed"],
+                    "onnx_deflated_bytes": deflated["compressed"], "accuracy": tuned.accuracy,
                     "accuracy_before_finetune": tuned.recalibrated.accuracy,
                     "accuracy_before_bn_recalib": tuned.recalibrated.accuracy_stale},
         parity=exported.parity, int8=quantized.section() if quantized is not None else None, bench=bench,

@@ -183,9 +183,18 @@ def method_context(original: nn.Module, prepared: Prepared, cfg: CompressConfig,
                     tuple(cfg.ignore_layers))
     train = prepared.loader(cfg, train=True) if prepared.train is not None else None
     latency = latency_measure(prepared, cfg) if cfg.round_to == widths.AUTO and cfg.bench_batches else None
+    settings = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                           seed=cfg.seed)
+
+    def loader_for(spec: str, flag: str) -> Any:
+        ds = data_mod.load_dataset(spec)
+        data_mod.check_dataset(ds, input_shape=tuple(prepared.example.shape[1:]), num_classes=prepared.num_classes,
+                               name=flag)
+        return replace(prepared, train=ds).loader(cfg, train=True)
+
     return MethodContext(example=prepared.example, num_classes=prepared.num_classes, device=device, seed=cfg.seed,
                          budget=budget, original=original, calib=prepared.calib, train=train, epochs=cfg.epochs,
-                         threads=cfg.threads, latency=latency)
+                         threads=cfg.threads, latency=latency, train_config=settings, loader_for=loader_for)
 
 
 def latency_measure(prepared: Prepared, cfg: CompressConfig) -> widths.OnnxLatency:
@@ -248,7 +257,8 @@ def reconstruct(compressed: Compressed, original: nn.Module, prepared: Prepared,
 
     reason = ("--no-reconstruct" if not cfg.reconstruct else "--at-init" if cfg.at_init
               else "no --data to calibrate on" if prepared.calib is None
-              else "the method removed no channels" if not compressed.channels else None)
+              else "the method gave no channel map (no channels removed, or retrained after removing them)"
+              if not compressed.channels else None)
     if reason is not None:
         return {"skipped": reason}
     batches = [x for x, _ in prepared.calib]

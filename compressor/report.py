@@ -2,7 +2,8 @@
 
 Schema (``report.json``), every number measured in the run that wrote it:
 
-* ``original`` / ``compressed``: ``params``, ``macs``, ``filters``, ``onnx_bytes``, ``accuracy`` (top-1 on the eval
+* ``original`` / ``compressed``: ``params``, ``macs``, ``filters``, ``onnx_bytes``, ``onnx_deflated_bytes`` (after
+  zlib deflate), ``accuracy`` (top-1 on the eval
   data, or null without it); ``compressed`` adds ``accuracy_before_finetune`` (after BatchNorm recalibration) and
   ``accuracy_before_bn_recalib`` (straight after compression; null when no recalibration ran);
 * ``parity``: ``max_abs_diff``, ``top1_agreement``, ``n_samples``, ``atol`` (compressed model, PyTorch vs onnxruntime);
@@ -168,6 +169,9 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str]]:
         ("filters", _fmt_int(o["filters"]), _fmt_int(c["filters"]), _ratio(o["filters"], c["filters"])),
         ("ONNX bytes", _fmt_int(o["onnx_bytes"]), _fmt_int(c["onnx_bytes"]), _ratio(o["onnx_bytes"], c["onnx_bytes"])),
     ]
+    if o.get("onnx_deflated_bytes") and c.get("onnx_deflated_bytes"):
+        o_z, c_z = o["onnx_deflated_bytes"], c["onnx_deflated_bytes"]
+        rows.append(("ONNX bytes, deflated", _fmt_int(o_z), _fmt_int(c_z), _ratio(o_z, c_z)))
     acc_change = ""
     if o["accuracy"] is not None and c["accuracy"] is not None:
         acc_change = f"{100 * (c['accuracy'] - o['accuracy']):+.2f} pts"

@@ -16,12 +16,13 @@ from .base import Method, replay  # noqa: F401 - replay is public here: every me
 from .baselines import L1, Random
 from .chain import Chain
 from .cmi import CMI
+from .imp import IMP
 from .mipp import MIPP
 from .tp_peers import PEERS
 from .tucker import Tucker
 
 REGISTRY: Registry[type[Method]] = Registry("method")
-for _cls in (L1, Random, CMI, MIPP, Tucker, *PEERS):
+for _cls in (L1, Random, CMI, MIPP, Tucker, IMP, *PEERS):
     REGISTRY.add(_cls.name, _cls)
 
 

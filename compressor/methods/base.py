@@ -4,8 +4,8 @@ In the spirit of scikit-learn's estimator contract: ``__init__`` only stores val
 :meth:`Method.apply`, which never modifies its input and returns a :class:`MethodResult`:
 
 * ``model``: the compressed copy;
-* ``records``: JSON-friendly replay records (``{"kind": "prune" | "tucker", ...}``) saved in ``compressed.pt`` and
-  replayed by :func:`compressor.io.load_compressed` through :func:`replay`;
+* ``records``: JSON-friendly replay records (``{"kind": "prune" | "tucker" | "mask", ...}``) saved in
+  ``compressed.pt`` and replayed by :func:`compressor.io.load_compressed` through :func:`replay`;
 * ``report``: the method's section of the report (what it chose, how long it took);
 * ``callbacks``: training callbacks for methods that keep acting during fine-tuning (tucker's rank-adaptive
   training); after training, each callback's ``records()`` and ``report()`` replace what the method returned.
@@ -68,6 +68,12 @@ class MethodContext:
     latency : callable or None
         With ``budget.round_to == "auto"``: times candidate models, ``{alignment: model} -> {alignment: p50 ms}``, on
         the graph the run ships (:class:`compressor.widths.OnnxLatency`); None: nothing is timed, ``auto`` means 8.
+    train_config : compressor.training.TrainConfig or None
+        The run's fine-tuning settings (``--lr``, ``--optimizer``, ``--weight-decay``, ``--seed``), for methods that
+        train while compressing (``imp``'s rounds); they set their own ``epochs``.
+    loader_for : callable or None
+        ``loader_for(path, flag)``: a training loader like ``train`` (same normalisation, batch size, augmentation)
+        over another dataset, checked against the model; ``flag`` names the option in its one-line errors.
     """
 
     example: torch.Tensor
@@ -81,6 +87,8 @@ class MethodContext:
     epochs: int = 0
     threads: int | None = None
     latency: Callable[[Mapping[int, nn.Module]], Mapping[int, float]] | None = None
+    train_config: Any = None
+    loader_for: Callable[[str, str], Any] | None = None
 
 
 @dataclass
