@@ -63,6 +63,7 @@ def distill_command(
     setup_logging(debug)
 
     def work() -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from ..distill_data import check_output, distill, save_distilled
@@ -70,12 +71,21 @@ def distill_command(
         path = check_output(out, inputs=[p for p in (data, model) if p is not None], overwrite=overwrite)
         columns = (TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        console = Console(stderr=True)
+        live = progress and console.is_terminal  # logs and pipes: a line per tenth of the run instead of a bar
+        every = max(1, iterations // 10) if progress and not live else 0
+
+        with Progress(*columns, console=console, disable=not live, transient=True) as bar:
             task = bar.add_task("distill", total=max(iterations, 0), loss=float("nan"))
+
+            def report(it: int, loss: float) -> None:
+                bar.update(task, completed=it, loss=loss)
+                if every and it % every == 0:
+                    typer.echo(f"distill {it}/{iterations}  loss {loss:.4g}", err=True)
+
             result = distill(data, images_per_class=images_per_class, model=model, arch=arch, width=width,
                              iterations=iterations, batch_real=batch_real, lr=lr, dsa=dsa, seed=seed,
-                             trust_pickle=trust_pickle,
-                             progress=lambda it, loss: bar.update(task, completed=it, loss=loss))
+                             trust_pickle=trust_pickle, progress=report)
         save_distilled(result, path)
         r = result.report
         typer.echo(f"wrote {path}: {len(result.y)} images ({r['images_per_class']} per class, {r['classes']} classes) "

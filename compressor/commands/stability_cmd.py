@@ -82,6 +82,7 @@ def stability_command(
 
 
 def _work(kw: dict[str, Any]) -> None:
+    from rich.console import Console
     from rich.progress import Progress
 
     from ..stability import check_out_dir, save_stability, stability
@@ -89,7 +90,8 @@ def _work(kw: dict[str, Any]) -> None:
     check_out_dir(kw["out"], overwrite=kw["overwrite"], plot=kw["plot"])
     names = ("data", "eval_data", "arch", "trust_pickle", "normalize", "epochs", "steps", "lr", "optimizer",
              "weight_decay", "batch_size", "augment", "points", "bn_images", "eval_images", "device")
-    with Progress(transient=True) as bar:
+    console = Console(stderr=True)
+    with Progress(transient=True, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("linear path", total=max(kw["points"], 0), visible=False)
         result = stability(kw["model"], seeds=(kw["seed_a"], kw["seed_b"]), **{n: kw[n] for n in names},
                            progress=lambda i, _a: bar.update(task, completed=i, visible=True))
