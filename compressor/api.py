@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from . import pipeline as stages
 from . import report as report_mod
 from .config import CompressConfig
 from .deploy import benchmark, check_runtime, export_verify, quantize
+from .distributed import Dist
 from .errors import InputError, OutputError
 from .io import LoadedModel, atomic_save, check_writable_dir, compressed_payload
 from .methods import build_method, list_methods  # noqa: F401 - list_methods is re-exported by compressor/__init__
@@ -30,13 +32,17 @@ OUTPUT_FILES = ("original.onnx", "compressed.onnx", "original.int8.onnx", "compr
 
 @dataclass
 class CompressionResult:
-    """What :func:`compress` returns: the compressed model, the original, the report, and where files went."""
+    """What :func:`compress` returns: the compressed model, the original, the report, and where files went.
+
+    ``main`` is False on the other processes of a distributed run: they wrote nothing (``out_dir`` None) and hold
+    rank 0's report."""
 
     model: nn.Module
     original: nn.Module
     report: dict[str, Any]
     out_dir: Path | None
     files: dict[str, Path] = field(default_factory=dict)
+    main: bool = True
 
 
 def default_out_dir(model_path: Path, method: str, target: float | str) -> Path:
@@ -122,6 +128,8 @@ def compress(
     >>> result = compress("resnet56.th", arch="resnet56", data="train.npz", eval_data="test.npz",
     ...                   normalize="imagenet", method="l1", target=0.33, epochs=2, out="runs/r56-l1")  # doctest: +SKIP
     >>> result.report["compressed"]["macs"]  # doctest: +SKIP
+
+    Under ``torchrun`` (several processes) the fine-tuning is distributed: see :mod:`compressor.distributed`.
     """
     if options.get("target") is not None and options.get("target_latency") is not None:
         raise InputError("give --target or --target-latency, not both")
@@ -134,11 +142,17 @@ def compress(
     if out_dir is not None:
         check_out(out_dir, [Path(p) for p in (model, data, eval_data) if isinstance(p, (str, os.PathLike))],
                   overwrite)
-    watch = stages.Stopwatch()
-    with watch.stage("load"):
-        loaded = stages.load(model, arch=arch, trust_pickle=trust_pickle)
-        prepared = stages.prepare(loaded, data, eval_data, normalize=normalize, cfg=cfg, method=method)
-    return _run(loaded, prepared, method, cfg, out_dir, watch, command)
+    if distributed.launched():
+        distributed.check_supported(method, cfg)
+    where = distributed.setup(cfg.device, cfg.dist_timeout)
+    try:
+        watch = stages.Stopwatch()
+        with watch.stage("load"):
+            loaded = stages.load(model, arch=arch, trust_pickle=trust_pickle)
+            prepared = stages.prepare(loaded, data, eval_data, normalize=normalize, cfg=cfg, method=method)
+        return _run(loaded, prepared, method, cfg, out_dir, watch, command, where)
+    finally:
+        distributed.teardown(where)
 
 
 @dataclass
@@ -155,22 +169,54 @@ class _Tuned:
     reconstruction: dict[str, Any]
 
 
-def _compress_and_train(original: nn.Module, prepared: stages.Prepared, method: Any, cfg: CompressConfig,
-                        device: torch.device, watch: stages.Stopwatch) -> _Tuned:
+def _compress(original: nn.Module, prepared: stages.Prepared, method: Any, cfg: CompressConfig,
+              device: torch.device, watch: stages.Stopwatch) -> tuple[stages.Compressed, dict[str, Any]]:
     with watch.stage("compress"):
         compressed = stages.compress_model(original, method, prepared, cfg, device)
     with watch.stage("reconstruct"):
         refit = stages.reconstruct(compressed, original, prepared, cfg)
+    return compressed, refit
+
+
+def _compress_on_main(original: nn.Module, prepared: stages.Prepared, method: Any, cfg: CompressConfig,
+                      watch: stages.Stopwatch, where: Dist) -> tuple[stages.Compressed, dict[str, Any]]:
+    """Distributed: rank 0 compresses (and reconstructs); the others replay its records on their copy of the
+    original; then every rank takes rank 0's weights."""
+    def work() -> tuple[stages.Compressed, dict[str, Any]]:
+        compressed, refit = _compress(original, prepared, method, cfg, where.device, watch)
+        if compressed.callbacks:
+            raise InputError(f"--method {cfg.method} acts during fine-tuning, which DistributedDataParallel does "
+                             "not follow; run it in one process (without torchrun)")
+        return compressed, refit
+
+    def share(done: tuple[stages.Compressed, dict[str, Any]]) -> dict[str, Any]:
+        return {"records": done[0].records, "report": done[0].report, "target": done[0].target, "refit": done[1]}
+
+    mine, shared = where.main_only(work, share)
+    if mine is not None:
+        compressed, refit = mine
+    else:
+        model = where.replica(original, shared["records"], prepared.example)
+        compressed = stages.Compressed(model, method, shared["records"], shared["report"], [], shared["target"])
+        refit = shared["refit"]
+    where.broadcast_state(compressed.model)
+    return compressed, refit
+
+
+def _compress_and_train(original: nn.Module, prepared: stages.Prepared, method: Any, cfg: CompressConfig,
+                        device: torch.device, watch: stages.Stopwatch, where: Dist | None = None) -> _Tuned:
+    compressed, refit = (_compress(original, prepared, method, cfg, device, watch) if where is None
+                         else _compress_on_main(original, prepared, method, cfg, watch, where))
     with watch.stage("bn_recalib"):
         recal = stages.recalibrate(compressed.model, prepared, cfg, device,
-                                   reconstructed=bool(refit.get("refitted")))
+                                   reconstructed=bool(refit.get("refitted")), dist=where)
     if not cfg.trains:
         return _Tuned(compressed, recal, None, compressed.model, compressed.records, compressed.report, recal.accuracy,
                       refit)
     with watch.stage("finetune"):
-        trained = stages.train(compressed, original, prepared, cfg, device)
+        trained = stages.train(compressed, original, prepared, cfg, device, dist=where)
     with watch.stage("evaluate_finetuned"):
-        accuracy = stages.top1(trained.model, prepared, cfg, device)
+        accuracy = stages.top1(trained.model, prepared, cfg, device, dist=where)
     return _Tuned(compressed, recal, trained, trained.model, trained.records, trained.report, accuracy, refit)
 
 
@@ -197,7 +243,7 @@ def _deploy(original: nn.Module, tuned: _Tuned, prepared: stages.Prepared, cfg: 
 
 def _report(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, prepared: stages.Prepared, method: Any,
             cfg: CompressConfig, deployed: tuple[Any, Any, Any], accuracy_original: float | None,
-            watch: stages.Stopwatch, command: list[str] | None) -> dict[str, Any]:
+            watch: stages.Stopwatch, command: list[str] | None, where: Dist | None) -> dict[str, Any]:
     exported, quantized, bench = deployed
     example, model = prepared.example, tuned.model
     section = report_mod.method_section(
@@ -218,26 +264,50 @@ def _report(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, prepared: s
                     "accuracy_before_bn_recalib": tuned.recalibrated.accuracy_stale},
         parity=exported.parity, int8=quantized.section() if quantized is not None else None, bench=bench,
         reconstruction=tuned.reconstruction,
-        trained=tuned.trained, cfg=cfg, watch=watch, layers=report_mod.layer_table(original, model))
+        trained=tuned.trained, cfg=cfg, watch=watch, layers=report_mod.layer_table(original, model),
+        distributed=None if where is None else where.section(batch_size=cfg.batch_size, lr=cfg.lr,
+                                                             trained=tuned.trained is not None))
 
 
 def _run(loaded: LoadedModel, prepared: stages.Prepared, method: Any, cfg: CompressConfig, out_dir: Path | None,
-         watch: stages.Stopwatch, command: list[str] | None) -> CompressionResult:
-    """Every stage after loading; all files are staged and published only at the very end."""
-    device = stages.resolve_device(cfg.device)
+         watch: stages.Stopwatch, command: list[str] | None, where: Dist | None = None) -> CompressionResult:
+    """Every stage after loading; all files are staged and published only at the very end (by rank 0 alone in a
+    distributed run, whose outcome every rank shares)."""
+    device = stages.resolve_device(cfg.device) if where is None else where.device
     torch.manual_seed(cfg.seed)
     original = loaded.model
     with watch.stage("evaluate_original"):
-        accuracy_original = stages.top1(original, prepared, cfg, device)
+        accuracy_original = stages.top1(original, prepared, cfg, device, dist=where)
         original.cpu()
-    tuned = _compress_and_train(original, prepared, method, cfg, device, watch)
+    tuned = _compress_and_train(original, prepared, method, cfg, device, watch, where)
     original.cpu().eval()
     tuned.model.cpu().eval()
+    if where is None:
+        return _deploy_and_write(loaded, original, tuned, prepared, method, cfg, out_dir, watch, command,
+                                 accuracy_original, None)
+
+    def deploy() -> CompressionResult:
+        return _deploy_and_write(loaded, original, tuned, prepared, method, cfg, out_dir, watch, command,
+                                 accuracy_original, where)
+
+    def share(done: CompressionResult) -> dict[str, Any]:
+        return done.report
+
+    mine, report = where.main_only(deploy, share)
+    return mine if mine is not None else CompressionResult(tuned.model, original, report, None, {}, main=False)
+
+
+def _deploy_and_write(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, prepared: stages.Prepared,
+                      method: Any, cfg: CompressConfig, out_dir: Path | None, watch: stages.Stopwatch,
+                      command: list[str] | None, accuracy_original: float | None,
+                      where: Dist | None) -> CompressionResult:
+    """Export, verify, quantise, benchmark, report; with ``out_dir``, stage the files and publish them at once."""
     parent = _nearest_existing(out_dir) if out_dir is not None else None
     stage_dir = Path(tempfile.mkdtemp(prefix=".compressor-stage-", dir=parent))
     try:
         deployed = _deploy(original, tuned, prepared, cfg, accuracy_original, stage_dir, watch)
-        report = _report(loaded, original, tuned, prepared, method, cfg, deployed, accuracy_original, watch, command)
+        report = _report(loaded, original, tuned, prepared, method, cfg, deployed, accuracy_original, watch, command,
+                         where)
         files: dict[str, Path] = {}
         if out_dir is not None:
             with watch.stage("write"):

@@ -23,6 +23,7 @@ from .commands import distill_cmd, stability_cmd
 from .commands import inspect as inspect_cmd
 from .commands import methods as methods_cmd
 from .commands.common import make_app, parse_ints, run_guarded, setup_logging
+from .distributed import leave_if_broken
 from .errors import InputError
 from .methods import REGISTRY
 from .methods.chain import Chain
@@ -101,6 +102,9 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("distill", bool, False, "Distil from the uncompressed model while fine-tuning.", TUNE, ("--distill",)),
     Flag("at_init", bool, False, "Score and prune a randomly re-initialised copy (seeded by --seed), then train the "
          "pruned network from scratch for --epochs. E.g. --at-init --epochs 30 --lr 0.1", TUNE, ("--at-init",)),
+    Flag("dist_timeout", float, 1800.0, "Under torchrun: seconds a process waits for the others before the run fails "
+         "(the process group timeout; cover rank 0's compression and export, which the others wait for). E.g. "
+         "--dist-timeout 600", TUNE),
     Flag("device", str, "auto", "auto, cpu or cuda (auto: CUDA with AMP when available). E.g. --device cpu", TUNE),
     Flag("seed", int, 0, "Seed for sampling, scoring and fine-tuning. E.g. --seed 0", TUNE),
     Flag("bench_batch", str, "1,32", "Batch sizes for the onnxruntime latency benchmark; 'none' skips it. E.g. "
@@ -205,7 +209,7 @@ def compress_command(**kw: Any) -> None:
     options = {k: v for k, v in kw.items() if k in run_names - {"model", "data", "eval_data", "normalize", "out",
                                                                   "bench_batch", "ignore_layer"}}
     code, result = run_guarded(lambda: _compress(kw, options, method_values), debug=debug)
-    if result is not None:
+    if result is not None and getattr(result, "main", True):  # other ranks of a distributed run print nothing
         from .report import print_table, to_json
 
         if json_output:
@@ -215,6 +219,7 @@ def compress_command(**kw: Any) -> None:
             typer.echo(f"wrote {', '.join(sorted(result.files))} to {result.out_dir}", err=True)
     if code == 130:
         typer.echo("no output was written", err=True)
+    leave_if_broken(code)  # a distributed run that lost a process: exit now, not after the backend's teardown
     raise typer.Exit(code)
 
 

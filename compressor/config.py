@@ -78,6 +78,10 @@ class CompressConfig:
     reconstruct : bool
         After pruning, refit each layer whose input channels were removed by least squares on the calibration
         images, so that it reproduces the original layer's output (:mod:`compressor.reconstruct`); needs ``data``.
+    dist_timeout : float
+        Under torchrun: seconds a process waits for the others in one collective (the process group's timeout)
+        before the run fails; rank 0 scores, compresses and exports alone while the others wait, so it must cover
+        those stages.
     at_init : bool
         Score and prune a re-initialised copy of the model (random weights, seeded by ``seed``), then train the
         pruned network from scratch for ``epochs``; the trained input stays the "original" it is compared with.
@@ -111,6 +115,7 @@ class CompressConfig:
     target_latency: float | None = None
     reconstruct: bool = True
     budget_minutes: float | None = None
+    dist_timeout: float = 1800.0
 
     def validate(self) -> CompressConfig:
         """Raise :class:`InputError` naming the first invalid option; return ``self``."""
@@ -145,6 +150,8 @@ class CompressConfig:
             (self.budget_minutes is None or (isinstance(self.budget_minutes, (int, float))
                                              and math.isfinite(self.budget_minutes) and self.budget_minutes > 0),
              f"--budget-minutes must be a positive number of minutes, e.g. 60; got {self.budget_minutes}"),
+            (isinstance(self.dist_timeout, (int, float)) and math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+             f"--dist-timeout must be a positive number of seconds, e.g. 1800; got {self.dist_timeout}"),
             (self.budget_minutes is None or self.epochs == 0,
              "give --epochs or --budget-minutes, not both"),
             (not self.at_init or self.epochs > 0 or self.budget_minutes is not None,

@@ -7,6 +7,7 @@ notebook) can call any of them alone. Each result carries the report section it 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from torch import nn
 from . import data as data_mod
 from . import latency_target, models, widths
 from .config import CompressConfig
+from .distributed import Dist, DistributedTraining, collective, scaled_lr
 from .errors import DataError, InputError
 from .io import LoadedModel, load_model
 from .methods.base import Budget, Method, MethodContext
@@ -79,16 +81,24 @@ class Prepared:
     calib: Any = None  # calibration loader (no augmentation)
     eval: Any = None  # evaluation loader
 
-    def loader(self, cfg: CompressConfig, *, train: bool) -> Any:
-        """The fine-tuning loader (augmented for 32x32 images unless ``cfg.augment`` says otherwise)."""
+    def loader(self, cfg: CompressConfig, *, train: bool, dist: Dist | None = None) -> Any:
+        """The fine-tuning loader (augmented for 32x32 images unless ``cfg.augment`` says otherwise); with ``dist``,
+        this process's share (:meth:`compressor.distributed.Dist.shard`)."""
         ds = self.train if train else self.test
         augment = cfg.augment if cfg.augment is not None else tuple(ds.image_shape[1:]) == (32, 32)
+        if dist is not None:
+            return dist.shard(ds, batch_size=cfg.batch_size, normalize=self.normalization, train=train,
+                              augment=augment and train, seed=cfg.seed)
         return data_mod.make_loader(ds, batch_size=cfg.batch_size, normalize=self.normalization, shuffle=train,
                                     augment=augment and train, seed=cfg.seed, drop_last=False)
 
-    def subset_loader(self, n: int, *, seed: int, batch_size: int) -> Any:
-        """``n`` class-balanced training images, no augmentation (calibration, BN statistics)."""
+    def subset_loader(self, n: int, *, seed: int, batch_size: int, dist: Dist | None = None) -> Any:
+        """``n`` class-balanced training images, no augmentation (calibration, BN statistics); with ``dist``, this
+        process's share of them."""
         ds = data_mod.calibration_subset(self.train, n, seed=seed)
+        if dist is not None:
+            return dist.shard(ds, batch_size=batch_size, normalize=self.normalization, train=False, augment=False,
+                              seed=seed)
         return data_mod.make_loader(ds, batch_size=batch_size, normalize=self.normalization, shuffle=False,
                                     augment=False, seed=seed, drop_last=False)
 
@@ -278,30 +288,40 @@ class Recalibrated:
 
 
 def recalibrate(model: nn.Module, prepared: Prepared, cfg: CompressConfig, device: torch.device, *,
-                reconstructed: bool = False) -> Recalibrated:
+                reconstructed: bool = False, dist: Dist | None = None) -> Recalibrated:
     """Stage 4: re-estimate the compressed model's BatchNorm statistics on ``cfg.bn_recalib`` training images
     (EagleEye's adaptive BN; skipped without data or with ``bn_recalib=0``), evaluating before and after.
 
     Skipped too when ``reconstructed``: the refit layers reproduce the original pre-BN outputs, for which the
     original statistics are the right ones. Measured (``python -m benchmarks.reconstruct``, ResNet-56, 0.33 of the
     filters, test1000): after reconstruction, recalibrating lowered top-1 from 70.2% to 65.3% (``l1``, 256
-    calibration images) and from 75.0% to 69.2% (1024)."""
+    calibration images) and from 75.0% to 69.2% (1024).
+
+    With ``dist`` each process recalibrates on its share of the images and the statistics are pooled
+    (:meth:`compressor.distributed.Dist.pool_bn`); evaluations count every process's share."""
     stale, images = None, None
+    evals = prepared.eval if dist is None or prepared.eval is None else prepared.loader(cfg, train=False, dist=dist)
+    reduce = None if dist is None else dist.sum
     with ThreadPolicy(cfg.threads).apply("evaluate"):
         if prepared.train is not None and cfg.bn_recalib > 0 and not reconstructed:
-            if prepared.eval is not None:
-                stale = evaluate(model, prepared.eval, device=device)
-            loader = prepared.subset_loader(cfg.bn_recalib, seed=cfg.seed + 1, batch_size=cfg.batch_size)
+            if evals is not None:
+                stale = evaluate(model, evals, device=device, reduce=reduce)
+            loader = prepared.subset_loader(cfg.bn_recalib, seed=cfg.seed + 1, batch_size=cfg.batch_size, dist=dist)
             images = recalibrate_bn(model, loader, device=device)
-        accuracy = evaluate(model, prepared.eval, device=device) if prepared.eval is not None else None
+            images = images if dist is None else dist.pool_bn(model, images)
+        accuracy = evaluate(model, evals, device=device, reduce=reduce) if evals is not None else None
     return Recalibrated(stale, accuracy, images)
 
 
-def top1(model: nn.Module, prepared: Prepared, cfg: CompressConfig, device: torch.device) -> float | None:
-    """Top-1 of ``model`` on the evaluation data (None without it), under the thread policy's ``evaluate`` count."""
+def top1(model: nn.Module, prepared: Prepared, cfg: CompressConfig, device: torch.device, *,
+         dist: Dist | None = None) -> float | None:
+    """Top-1 of ``model`` on the evaluation data (None without it), under the thread policy's ``evaluate`` count;
+    with ``dist``, each process evaluates its share and the counts are summed."""
     if prepared.eval is None:
         return None
     with ThreadPolicy(cfg.threads).apply("evaluate"):
+        if dist is not None:
+            return evaluate(model, prepared.loader(cfg, train=False, dist=dist), device=device, reduce=dist.sum)
         return evaluate(model, prepared.eval, device=device)
 
 
@@ -321,17 +341,24 @@ class Trained:
 
 
 def train(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: CompressConfig,
-          device: torch.device) -> Trained:
+          device: torch.device, *, dist: Dist | None = None) -> Trained:
     """Stage 5: fine-tune with the one :class:`~compressor.training.Trainer` (the method's callbacks included);
-    a callback that changes the structure (tucker's adaptive ranks) hands back the records and report to keep."""
+    a callback that changes the structure (tucker's adaptive ranks) hands back the records and report to keep.
+
+    With ``dist``: DistributedDataParallel over this process's share of the data, the learning rate scaled to the
+    global batch (:func:`compressor.distributed.scaled_lr`), statistics and evaluations summed over the processes."""
     budget = None if cfg.budget_minutes is None else 60.0 * cfg.budget_minutes
-    config = TrainConfig(epochs=cfg.epochs if budget is None else MAX_BUDGET_EPOCHS, lr=cfg.lr,
+    config = TrainConfig(epochs=cfg.epochs if budget is None else MAX_BUDGET_EPOCHS,
+                         lr=cfg.lr if dist is None else scaled_lr(cfg.lr, dist.world_size),
                          optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, seed=cfg.seed, budget_seconds=budget)
     policy = ThreadPolicy(cfg.threads)
-    trainer = Trainer(config, device=device, callbacks=[*compressed.callbacks, RefreshThreads(policy)])
-    with policy.apply("train"):
-        result = trainer.fit(compressed.model, prepared.loader(cfg, train=True),
-                             teacher=original if cfg.distill else None, eval_loader=prepared.eval)
+    ddp = [] if dist is None else [DistributedTraining(dist)]
+    trainer = Trainer(config, device=device, callbacks=[*compressed.callbacks, *ddp, RefreshThreads(policy)],
+                      is_main=dist is None or dist.is_main, reduce=None if dist is None else dist.sum)
+    evals = prepared.eval if dist is None or prepared.eval is None else prepared.loader(cfg, train=False, dist=dist)
+    with policy.apply("train"), contextlib.nullcontext() if dist is None else collective("fine-tuning"):
+        result = trainer.fit(compressed.model, prepared.loader(cfg, train=True, dist=dist),
+                             teacher=original if cfg.distill else None, eval_loader=evals)
     records, report = list(compressed.records), dict(compressed.report)
     for callback in compressed.callbacks:
         records = _replace_records(records, callback.records())

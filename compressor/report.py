@@ -79,7 +79,8 @@ def method_options(method: Any) -> dict[str, Any]:
 def assemble(*, tool: dict[str, Any], model: dict[str, Any], method: dict[str, Any], original: dict[str, Any],
              compressed: dict[str, Any], parity: dict[str, Any], int8: dict[str, Any] | None, bench: Any,
              trained: Any, cfg: Any, watch: Any, layers: list[dict[str, Any]],
-             reconstruction: dict[str, Any] | None = None) -> dict[str, Any]:
+             reconstruction: dict[str, Any] | None = None,
+             distributed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The report, from the sections each stage contributed (see the module docstring for the schema)."""
     result = getattr(trained, "result", None)
     return {
@@ -92,6 +93,7 @@ def assemble(*, tool: dict[str, Any], model: dict[str, Any], method: dict[str, A
         "finetune": {"epochs": getattr(result, "epochs", cfg.epochs), "budget_minutes": cfg.budget_minutes,
                      "seconds": getattr(result, "seconds", None), "device": getattr(result, "device", None),
                      "amp": getattr(result, "amp", None), "history": list(getattr(result, "history", []) or [])},
+        "distributed": distributed or {"world_size": 1},
         "timings": dict(watch.timings),
         "layers": layers,
         "options": cfg.to_dict(),
@@ -265,6 +267,18 @@ def reconstruction_lines(section: Mapping[str, Any] | None) -> list[str]:
             f"{mean('error_before'):.3f} -> {mean('error_after'):.3f}."]
 
 
+def distributed_lines(section: Mapping[str, Any] | None) -> list[str]:
+    """The markdown lines of a distributed run (none for one process)."""
+    if not section or section.get("world_size", 1) <= 1:
+        return []
+    return ["", "## Distributed fine-tuning", "",
+            f"{section['world_size']} processes ({section['backend']}), {section['per_rank_batch']} images per process "
+            f"per step, global batch {section['global_batch']}; learning rate {section['lr']:g} -> "
+            f"{section['lr_scaled']:g} by {section['lr_rule']}; SyncBatchNorm: "
+            f"{'yes' if section['sync_batchnorm'] else 'no'}. Distributed: {section['distributed']}; rank 0 only: "
+            f"{section['rank 0 only']}."]
+
+
 def to_markdown(report: Mapping[str, Any]) -> str:
     """Human-readable report.md: summary, parity, latency details, per-layer channels, options, versions."""
     method = report["method"]
@@ -296,6 +310,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                 s = lat[which]
                 lines.append(f"| {batch} | {which} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
     lines += deployment_lines(report)
+    lines += distributed_lines(report.get("distributed"))
     lines += _method_section(method)
     ranked = any(r.get("ranks") for r in report["layers"])
     lines += ["", "## Layers", "", "| layer | in before | in after | out before | out after |"

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import CompressorError, DataError, InputError
 
@@ -88,11 +89,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Batches, *, device: torch.device | str | None = None) -> float:
+def evaluate(model: nn.Module, loader: Batches, *, device: torch.device | str | None = None,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Top-1 accuracy of ``model`` over ``loader``, in [0, 1].
 
     Runs in eval mode without gradients and restores the model's previous train/eval modes. ``device=None`` uses
-    the device of the model's parameters; otherwise the model is moved there (and stays).
+    the device of the model's parameters; otherwise the model is moved there (and stays). ``reduce`` sums the
+    ``[correct, seen]`` counts over the processes of a distributed run (each evaluated its share of the images).
     """
     device = torch.device(device) if device is not None else model_device(model)
     model.to(device)
@@ -104,9 +107,11 @@ def evaluate(model: nn.Module, loader: Batches, *, device: torch.device | str | 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             correct += (model(x).argmax(dim=1) == y).sum()
             seen += len(y)
+    counts = torch.stack([correct, torch.tensor(seen, device=device)])
+    right, seen = (int(v) for v in (counts if reduce is None else reduce(counts)).tolist())
     if seen == 0:
         raise DataError("the evaluation data yielded no batches; check that it is not empty")
-    return int(correct) / seen
+    return right / seen
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -346,6 +351,8 @@ class Trainer:
         One line per epoch (and a live step counter on a terminal); ``log`` receives the lines instead of stderr.
     is_main : bool
         False on all but one process of a distributed run: those never print.
+    reduce : callable, optional
+        Sums a tensor over the processes of a distributed run (epoch statistics, evaluation counts).
 
     Examples
     --------
@@ -354,8 +361,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, device: torch.device | str | None = None,
                  callbacks: Sequence[Callback] = (), progress: bool = True, log: Callable[[str], None] | None = None,
-                 is_main: bool = True, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.config, self.callbacks, self.clock = config, tuple(callbacks), clock
+                 is_main: bool = True, clock: Callable[[], float] = time.perf_counter,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.config, self.callbacks, self.clock, self.reduce = config, tuple(callbacks), clock, reduce
         self.device = torch.device(device) if device is not None else None
         self.progress, self.log, self.is_main = progress, log, is_main
 
@@ -397,8 +405,10 @@ class Trainer:
                 set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
                 if set_epoch is not None:  # DistributedSampler: a new shuffle per epoch
                     set_epoch(epoch)
-                totals = _run_epoch(state, loader, hooks, bar)  # a distributed run all-reduces `totals` here
-                state.history.append(_epoch_record(state, totals, eval_loader, t0))
+                totals = _run_epoch(state, loader, hooks, bar)
+                if self.reduce is not None:  # a distributed run: the statistics of every process
+                    totals = self.reduce(totals)
+                state.history.append(_epoch_record(state, totals, eval_loader, t0, self.reduce))
                 hooks("on_epoch_end", state)
                 bar.epoch(state.history[-1])
                 if state.out_of_time():
@@ -464,8 +474,8 @@ def _run_epoch(state: TrainState, loader: Batches, hooks: _Hooks, bar: _Progress
     return totals
 
 
-def _epoch_record(state: TrainState, totals: torch.Tensor, eval_loader: Batches | None,
-                  t0: float) -> dict[str, Any]:
+def _epoch_record(state: TrainState, totals: torch.Tensor, eval_loader: Batches | None, t0: float,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """The epoch's history record (``seconds`` since ``t0``, evaluation included); a diverged loss is a one-line
     error."""
     loss_sum, correct, seen = totals.tolist()
@@ -473,6 +483,7 @@ def _epoch_record(state: TrainState, totals: torch.Tensor, eval_loader: Batches 
     if not math.isfinite(mean_loss):
         raise CompressorError(f"fine-tuning diverged: the loss is {mean_loss} in epoch {state.epoch}; "
                               f"lower the learning rate (now {state.config.lr})")
-    eval_acc = evaluate(state.model, eval_loader, device=state.device) if eval_loader is not None else None
+    model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model  # no collectives
+    eval_acc = evaluate(model, eval_loader, device=state.device, reduce=reduce) if eval_loader is not None else None
     return {"epoch": state.epoch, "loss": mean_loss, "train_acc": correct / max(seen, 1), "eval_acc": eval_acc,
             "lr": state.lr, "seconds": time.perf_counter() - t0}
