@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from compressor import compress, list_methods, load_compressed
+from compressor.methods import get_method
 from compressor.models import create_model
 
 from .conftest import SAMPLES, akamaster, shared_file
@@ -26,7 +27,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-CHAINS = ["l1+tucker", "cmi+tucker"]
+CHAINS = ["l1+tucker", "cmi+tucker", "blocks+l1"]
 
 
 @pytest.mark.parametrize("method", list_methods() + CHAINS)
@@ -45,7 +46,13 @@ def test_every_method_gives_a_smaller_valid_model(method: str, tiny_data: Path, 
     assert result.report["compressed"]["params"] < result.report["original"]["params"]
     metric = result.report["method"]["target_metric"]
     assert metric == ("params" if "tucker" in method else "filters")
-    assert abs(result.report["method"]["achieved"] - 0.4) <= 0.02
+    if method == "blocks+l1":
+        assert result.report["method"]["dropped"], "the chain's blocks step removed nothing"
+    achieved = result.report["method"]["achieved"]
+    if "+" not in method and get_method(method).coarse:  # whole blocks: reaches the target, may pass it
+        assert 0.38 <= achieved < 0.7
+    else:
+        assert abs(achieved - 0.4) <= 0.02
     assert result.report["parity"]["max_abs_diff"] <= 1e-4 and result.report["parity"]["top1_agreement"] == 1.0
     assert _choices(result.report) == _choices(runs[1].report)
     torch.testing.assert_close(runs[1].model(x), out)

@@ -14,6 +14,7 @@ from .._registry import Registry
 from ..options import parse_options, split_prefixed
 from .base import Method, replay  # noqa: F401 - replay is public here: every method's records are registered
 from .baselines import L1, Random
+from .blocks import Blocks
 from .chain import Chain
 from .cmi import CMI
 from .imp import IMP
@@ -22,7 +23,7 @@ from .tp_peers import PEERS
 from .tucker import Tucker
 
 REGISTRY: Registry[type[Method]] = Registry("method")
-for _cls in (L1, Random, CMI, MIPP, Tucker, IMP, *PEERS):
+for _cls in (L1, Random, CMI, MIPP, Tucker, Blocks, IMP, *PEERS):
     REGISTRY.add(_cls.name, _cls)
 
 

@@ -115,7 +115,8 @@ class Method(abc.ABC):
     Class attributes: ``name`` (``--method`` value and flag prefix), ``summary`` (one line for ``--help``),
     ``Options`` (a frozen dataclass built with :func:`compressor.options.option`), ``default_metric``,
     ``metrics`` (target metrics it can meet), ``requires_data`` (needs ``--data`` calibration images),
-    ``trains`` (acts during fine-tuning when some option says so; see :meth:`needs_epochs`).
+    ``trains`` (acts during fine-tuning when some option says so; see :meth:`needs_epochs`), ``coarse`` (removes
+    structure in steps larger than the budget's tolerance, e.g. whole blocks: it reaches the target and may pass it).
     """
 
     name: ClassVar[str]
@@ -124,6 +125,7 @@ class Method(abc.ABC):
     default_metric: ClassVar[str] = "filters"
     metrics: ClassVar[tuple[str, ...]] = METRICS
     requires_data: ClassVar[bool] = False
+    coarse: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
