@@ -23,7 +23,7 @@ from .commands import distill_cmd, stability_cmd
 from .commands import inspect as inspect_cmd
 from .commands import methods as methods_cmd
 from .commands.common import make_app, parse_ints, run_guarded, setup_logging
-from .distributed import leave_if_broken
+from .distributed import leave_if_failed
 from .errors import InputError
 from .methods import REGISTRY
 from .methods.chain import Chain
@@ -219,7 +219,7 @@ def compress_command(**kw: Any) -> None:
             typer.echo(f"wrote {', '.join(sorted(result.files))} to {result.out_dir}", err=True)
     if code == 130:
         typer.echo("no output was written", err=True)
-    leave_if_broken(code)  # a distributed run that lost a process: exit now, not after the backend's teardown
+    leave_if_failed(code)  # a failed distributed run: exit now with the code every rank agreed on
     raise typer.Exit(code)
 
 

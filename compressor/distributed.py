@@ -304,6 +304,7 @@ def setup(device: str, timeout_s: float) -> Dist | None:
             torch.cuda.set_device(local)
         with collective("joining the process group (torchrun rendezvous)"):
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        _JOINED.append(True)
         _stop_on_sigterm()
     backend = str(dist.get_backend())
     where = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
@@ -333,6 +334,7 @@ def _stop_on_sigterm() -> None:
 #: reset by peer"), not as ``torch.distributed.DistError``, so the message is all there is to tell it apart.
 _PEER_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout")
 _BROKEN: list[bool] = []
+_JOINED: list[bool] = []  # this process joined a process group through :func:`setup`
 
 
 @contextmanager
@@ -349,11 +351,14 @@ def collective(what: str) -> Iterator[None]:
                          f"the timeout; no output was written ({text[:300]})") from None
 
 
-def leave_if_broken(code: int) -> None:
-    """After a lost peer, end the process now with ``code`` (streams flushed; ``finally`` blocks have run, so the
-    staging folder is gone): the backend's teardown otherwise waits on the dead peer's connections before the
-    process can exit (24-37 s measured with gloo, torch 2.13)."""
-    if _BROKEN:
+def leave_if_failed(code: int) -> None:
+    """After a distributed run that failed (``code != 0``), end the process now with ``code`` (streams flushed;
+    ``finally`` blocks have run, so the staging folder is gone). Two reasons: after a lost peer the backend's
+    teardown waits on the dead peer's connections before the process can exit (24-37 s measured with gloo, torch
+    2.13); and torchrun stops (SIGTERM) every worker still running once one has exited with an error, so a rank
+    still in interpreter shutdown when its peer has left would end with -15 instead of the code all ranks agreed
+    on (seen with a refused method: rank 1 exited 2, rank 0 was stopped)."""
+    if code != 0 and (_BROKEN or _JOINED):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
