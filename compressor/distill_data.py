@@ -50,7 +50,8 @@ from .io import atomic_save, check_writable_dir, load_model, resolve_arch
 from .models import reinitialise
 
 __all__ = ["CONVNET", "DSA_KINDS", "ConvNet", "DSAParams", "DistilledSet", "apply_dsa", "build_embedding",
-           "channel_stats", "distill", "distribution_matching_loss", "embed", "sample_dsa", "save_distilled"]
+           "channel_stats", "check_output", "distill", "distribution_matching_loss", "embed", "sample_dsa",
+           "save_distilled"]
 
 CONVNET = "convnet"
 """``arch`` name of the paper's ConvNet-3 embedding network (:class:`ConvNet`)."""

@@ -42,7 +42,7 @@ from .errors import InputError, OutputError
 from .io import check_writable_dir, load_model
 from .training import TrainConfig, Trainer, evaluate, recalibrate_bn
 
-__all__ = ["OUTPUT_FILES", "PLOT_EXTRA", "StabilityResult", "error_barrier", "interpolate_state",
+__all__ = ["OUTPUT_FILES", "PLOT_EXTRA", "StabilityResult", "check_out_dir", "error_barrier", "interpolate_state",
            "interpolation_coefficients", "linear_path_errors", "render_markdown", "save_stability", "stability"]
 
 OUTPUT_FILES = ("stability.json", "stability.md", "stability.png")

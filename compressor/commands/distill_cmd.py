@@ -12,7 +12,7 @@ Examples
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -61,39 +61,41 @@ def distill_command(
 ) -> None:
     """Thin CLI layer: check the output, call :func:`compressor.distill_data.distill`, save, print one line."""
     setup_logging(debug)
-
-    def work() -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        from ..distill_data import check_output, distill, save_distilled
-
-        path = check_output(out, inputs=[p for p in (data, model) if p is not None], overwrite=overwrite)
-        columns = (TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TimeRemainingColumn())
-        console = Console(stderr=True)
-        live = progress and console.is_terminal  # logs and pipes: a line per tenth of the run instead of a bar
-        every = max(1, iterations // 10) if progress and not live else 0
-
-        with Progress(*columns, console=console, disable=not live, transient=True) as bar:
-            task = bar.add_task("distill", total=max(iterations, 0), loss=float("nan"))
-
-            def report(it: int, loss: float) -> None:
-                bar.update(task, completed=it, loss=loss)
-                if every and it % every == 0:
-                    typer.echo(f"distill {it}/{iterations}  loss {loss:.4g}", err=True)
-
-            result = distill(data, images_per_class=images_per_class, model=model, arch=arch, width=width,
-                             iterations=iterations, batch_real=batch_real, lr=lr, dsa=dsa, seed=seed,
-                             trust_pickle=trust_pickle, progress=report)
-        save_distilled(result, path)
-        r = result.report
-        typer.echo(f"wrote {path}: {len(result.y)} images ({r['images_per_class']} per class, {r['classes']} classes) "
-                   f"from {r['real_images']} in {r['seconds']:.0f} s; DM loss {r['loss_first']:.4g} -> "
-                   f"{r['loss_last_10_mean']:.4g} (mean of the last 10)")
-
-    code, _ = run_guarded(work, debug=debug)
+    options = dict(locals())
+    code, _ = run_guarded(lambda: _work(options), debug=debug)
     raise typer.Exit(code)
+
+
+def _work(kw: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..distill_data import check_output, distill, save_distilled
+
+    path = check_output(kw["out"], inputs=[p for p in (kw["data"], kw["model"]) if p is not None],
+                        overwrite=kw["overwrite"])
+    columns = (TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    total = kw["iterations"]
+    live = kw["progress"] and console.is_terminal  # logs and pipes: a line per tenth of the run instead of a bar
+    every = max(1, total // 10) if kw["progress"] and not live else 0
+    names = ("images_per_class", "model", "arch", "width", "iterations", "batch_real", "lr", "dsa", "seed",
+             "trust_pickle")
+    with Progress(*columns, console=console, disable=not live, transient=True) as bar:
+        task = bar.add_task("distill", total=max(total, 0), loss=float("nan"))
+
+        def report(it: int, loss: float) -> None:
+            bar.update(task, completed=it, loss=loss)
+            if every and it % every == 0:
+                typer.echo(f"distill {it}/{total}  loss {loss:.4g}", err=True)
+
+        result = distill(kw["data"], progress=report, **{n: kw[n] for n in names})
+    save_distilled(result, path)
+    r = result.report
+    typer.echo(f"wrote {path}: {len(result.y)} images ({r['images_per_class']} per class, {r['classes']} classes) "
+               f"from {r['real_images']} in {r['seconds']:.0f} s; DM loss {r['loss_first']:.4g} -> "
+               f"{r['loss_last_10_mean']:.4g} (mean of the last 10)")
 
 
 def register(app: typer.Typer) -> None:
