@@ -15,7 +15,8 @@ from onnx import numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from compressor import cli, compress, load_compressed
+from compressor import cli, compress, load_compressed, pipeline
+from compressor.config import CompressConfig
 from compressor.methods import build_method
 from compressor.methods.base import Budget, MethodContext
 from compressor.methods.imp import RecordEpochs, cumulative_target, round_fraction, step_target
@@ -129,6 +130,21 @@ def test_weight_imp_meets_the_target_and_the_masks_survive_finetuning_replay_and
     assert sizes[0]["onnx_deflated_bytes"] < 0.5 * sizes[1]["onnx_deflated_bytes"]
 
 
+def test_rounds_retrain_on_imp_data(tiny_data: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    other = tmp_path / "other.npz"
+    np.savez(other, x=rng.integers(0, 255, (24, 32, 32, 3), dtype=np.uint8), y=np.arange(24) % 10)
+    options = {"imp_granularity": "weight", "imp_rounds": 1, "imp_data": str(other)}
+    cfg = CompressConfig(method="imp", target=0.5, method_options=options).validate()
+    method = build_method("imp", options)
+    loaded = pipeline.load(_net(), arch="samplenet")
+    prepared = pipeline.prepare(loaded, str(tiny_data), None, normalize="none", cfg=cfg, method=method)
+    compressed = pipeline.compress_model(loaded.model, method, prepared, cfg, torch.device("cpu"))
+    facts = compressed.report["imp"]
+    assert facts["data"] == str(other) and facts["train_images"] == 24  # not the 40 images of --data
+    assert facts["rounds_detail"][0]["train"]["epochs"] == 1
+
+
 # ------------------------------------------------------------------------------------------------ rewinding
 def test_weight_rewind_to_a_recorded_epoch_gives_those_weights_on_the_survivors(tmp_path: Path) -> None:
     model = _net()
@@ -177,6 +193,7 @@ def _digest(path: Path) -> str:
     (["--imp-rewind", "epoch:2"], "--imp-run"),
     (["--imp-rewind", "epoch:2", "--imp-run", "{empty}"], "no epoch-2.pt"),
     (["--imp-rewind", "late"], "--imp-rewind must be original, init or epoch:K"),
+    (["--imp-data", "{empty}/nothing.npz"], "nothing.npz"),
 ])
 def test_bad_imp_input_is_one_line_exit_2_and_writes_nothing(extra: list[str], match: str, tiny_data: Path,
                                                               tmp_path: Path) -> None:

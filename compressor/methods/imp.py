@@ -163,7 +163,8 @@ class IMP(Method):
         start = rewind_point(model, opts, seed=ctx.seed)
         facts = {"granularity": opts.granularity, "rounds": opts.rounds, "rewind": opts.rewind,
                  "round_fraction": round(round_fraction(ctx.budget.target, opts.rounds), 6),
-                 "epochs_per_round": opts.epochs, "data": opts.data or "--data"}
+                 "epochs_per_round": opts.epochs, "data": opts.data or "--data",
+                 "train_images": len(getattr(rounds.loader, "dataset", ())) if rounds.loader is not None else 0}
         if opts.granularity == "filter":
             return _filter_imp(model, start, ctx, rounds, facts)
         return _weight_imp(model, start, ctx, rounds, facts)
