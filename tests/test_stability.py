@@ -170,3 +170,19 @@ def test_cli_missing_model_exits_2(tmp_path) -> None:
     run = CliRunner().invoke(tools, ["stability", str(tmp_path / "none.pt"), "--data", _tiny_data(tmp_path),
                                      "--steps", "1", "--out", str(tmp_path / "o")])
     assert run.exit_code == 2 and "not found" in run.output and not (tmp_path / "o").exists()
+
+
+def test_without_matplotlib_the_plot_is_a_one_line_hint_before_any_work(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the bench extra looks like
+    out = tmp_path / "stab"
+    run = CliRunner().invoke(tools, ["stability", _samplenet_file(tmp_path), "--data", _tiny_data(tmp_path),
+                                     "--steps", "1", "--device", "cpu", "--out", str(out)])
+    assert run.exit_code == 2 and 'pip install "compressor[bench]"' in run.output and "--no-plot" in run.output
+    assert len(run.output.strip().splitlines()) == 1 and not out.exists()
+    ok = CliRunner().invoke(tools, ["stability", _samplenet_file(tmp_path), "--data", _tiny_data(tmp_path),
+                                    "--steps", "1", "--points", "2", "--bn-images", "16", "--eval-images", "16",
+                                    "--batch-size", "16", "--device", "cpu", "--no-plot", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in out.iterdir()) == ["stability.json", "stability.md"]
