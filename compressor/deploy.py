@@ -69,9 +69,7 @@ def export_verify(models: dict[str, nn.Module], example: torch.Tensor, inputs: l
     seconds = {"export": round(exported - start, 4), "parity": round(time.perf_counter() - exported, 4)}
     if not parity.ok:
         raise ValidationError(
-            f"the compressed model's ONNX export disagrees with PyTorch (max abs diff {parity.max_abs_diff:.3g} "
-            f"> {parity.tolerance:.3g} = atol {atol:g} + rtol {parity.rtol:g} x max |output| {parity.scale:.3g}, or "
-            f"top-1 agreement {100 * parity.top1_agreement:.1f}% < 100%); nothing was "
+            f"the compressed model's ONNX export disagrees with PyTorch ({parity.describe()}); nothing was "
             "written. Re-run with --debug and report it, or loosen --atol if the difference is benign"
         )
     return Exported(paths, parity.to_dict(), seconds)

@@ -76,8 +76,8 @@ def patches(x: torch.Tensor, layer: nn.Module, columns: torch.Tensor) -> torch.T
     """Rows of ``A``: the receptive-field patches of ``x`` (the layer's input) at output pixels ``columns``
     (flat indices into ``H_out * W_out``; one row per image and column), ``(N * P, C * k * k)``; for a ``Linear``
     layer the input rows themselves."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.Linear):  # (N, F), or channels-last (N, H, W, F) sampled at the same pixels as Y
+        return x if x.ndim == 2 else x.flatten(1, -2)[:, columns].reshape(-1, x.shape[-1])
     assert isinstance(layer, nn.Conv2d)
     unfolded = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,  # type: ignore[arg-type]
                         stride=layer.stride)  # (N, C*k*k, L)
@@ -182,8 +182,11 @@ def reconstruct(original: nn.Module, pruned: nn.Module, channels: ChannelMap, ba
         assert isinstance(layer, (nn.Conv2d, nn.Linear))
         columns: dict[int, torch.Tensor] = {}
 
-        def targets(i: int, y: torch.Tensor, kept_out: list[int] = kept_out) -> torch.Tensor:
-            pixels = y.shape[2] * y.shape[3] if y.ndim == 4 else 1
+        def targets(i: int, y: torch.Tensor, kept_out: list[int] = kept_out, layer: nn.Module = layer
+                    ) -> torch.Tensor:
+            if isinstance(layer, nn.Linear) and y.ndim > 2:  # channels-last features (ConvNeXt): (N, F, H, W)
+                y = y.movedim(-1, 1)
+            pixels = y[0, 0].numel() if y.ndim > 2 else 1
             columns[i] = torch.randperm(pixels, generator=generator)[:positions]
             return _outputs(y[:, kept_out], columns[i])
 

@@ -154,6 +154,11 @@ def _run_exporter(
         kwargs["opset_version"] = opset
     if dynamic_batch:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
+        if example_input.shape[0] == 1:
+            # torch.export specialises size-1 dimensions ("0/1 specialisation"), so a batch of one traced as dynamic
+            # can contradict itself: LayerNorm2d's permute after a 1x1 pool (ConvNeXt's head) fails with "Invalid
+            # ranges [2:1]". The same image twice traces the batch axis as a general size.
+            example_input = example_input.expand(2, *example_input.shape[1:]).contiguous()
     with _captured_output(captured), _eval_mode(model):
         try:
             torch.onnx.export(model, (example_input,), str(target), **kwargs)
@@ -269,6 +274,9 @@ class ParityReport:
     rtol : float
         Relative tolerance: the check allows ``atol + rtol * scale`` (float32 sums over deep networks drift in
         proportion to the values summed).
+    outputs : tuple of dict
+        Per output, in graph order: ``name``, ``max_abs_diff``, ``scale`` (``max |y_torch|`` of that output) and
+        ``rel_diff`` (``max_abs_diff / scale``; 0 when both are 0, inf when only the scale is).
     """
 
     max_abs_diff: float
@@ -278,6 +286,7 @@ class ParityReport:
     providers: tuple[str, ...]
     scale: float = 0.0
     rtol: float = 0.0
+    outputs: tuple[dict[str, Any], ...] = ()
 
     @property
     def tolerance(self) -> float:
@@ -289,21 +298,34 @@ class ParityReport:
         """``max_abs_diff <= atol + rtol * scale`` and every top-1 label agrees (NaN differences fail)."""
         return bool(self.max_abs_diff <= self.tolerance) and self.top1_agreement == 1.0
 
+    def describe(self) -> str:
+        """One line: per output the max abs and relative difference, the tolerance, top-1 agreement, providers.
+
+        >>> ParityReport(2e-4, 1.0, 8, 1e-4, ("CPUExecutionProvider",), 1.0, 1e-5,
+        ...              ({"name": "logits", "max_abs_diff": 2e-4, "scale": 1.0, "rel_diff": 2e-4},)).describe()[:60]
+        'logits: max abs diff 0.0002, relative 0.0002 (max |output| 1)'
+        """
+        rows = self.outputs or ({"name": "output", "max_abs_diff": self.max_abs_diff, "scale": self.scale,
+                                 "rel_diff": _relative(self.max_abs_diff, self.scale)},)
+        parts = [f"{row['name']}: max abs diff {row['max_abs_diff']:.3g}, relative {row['rel_diff']:.3g} "
+                 f"(max |output| {row['scale']:.3g})" for row in rows]
+        providers = ", ".join(self.providers) or "unknown providers"
+        return (f"{'; '.join(parts)}; tolerance {self.tolerance:.3g} = atol {self.atol:.3g} + rtol {self.rtol:.3g}"
+                f" x max |output| {self.scale:.3g}; top-1 agreement {self.top1_agreement:.2%} over "
+                f"{self.n_samples} samples on {providers}")
+
     def raise_if_failed(self) -> None:
-        """Raise :class:`ParityError` with both numbers unless :attr:`ok`."""
+        """Raise :class:`ParityError` with the numbers of :meth:`describe` unless :attr:`ok`."""
         if not self.ok:
-            providers = ", ".join(self.providers) or "unknown providers"
-            raise ParityError(
-                f"ONNX output differs from PyTorch: max abs diff {self.max_abs_diff:.3g} (tolerance "
-                f"{self.tolerance:.3g} = atol {self.atol:.3g} + rtol {self.rtol:.3g} x max |output| {self.scale:.3g}), "
-                f"top-1 agreement {self.top1_agreement:.2%} over {self.n_samples} samples on {providers}; "
-                "re-export the model, or raise atol if the difference is expected."
-            )
+            raise ParityError(f"ONNX output differs from PyTorch: {self.describe()}; re-export the model, or raise "
+                              "atol if the difference is expected.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict, including ``ok``."""
         data = asdict(self)
         data["providers"] = list(self.providers)
+        data["outputs"] = [{**row, "rel_diff": row["rel_diff"] if math.isfinite(row["rel_diff"]) else None}
+                           for row in self.outputs]
         data["ok"] = self.ok
         return data
 
@@ -363,23 +385,34 @@ def check_parity(
     input_name = single_input_name(session)
     names = [output.name for output in session.get_outputs()]
     reference = _cpu_float_model(model)
-    max_diff, scale, agree, total = 0.0, 0.0, 0, 0
+    diffs, scales = [0.0] * len(names), [0.0] * len(names)
+    agree, total = 0, 0
     with _eval_mode(reference), torch.no_grad():
         for index, batch in enumerate(batches):
             x = _as_cpu_float(batch, index)
             expected = _torch_outputs(reference(x), names)
             actual = session.run(names, {input_name: x.numpy()})
             _check_shapes(expected, actual, names, index)
-            for want, got in zip(expected, actual):
-                max_diff = float(np.maximum(max_diff, np.max(np.abs(want - got), initial=0.0)))
-                scale = max(scale, float(np.max(np.abs(want), initial=0.0)))
+            for k, (want, got) in enumerate(zip(expected, actual)):
+                diffs[k] = float(np.maximum(diffs[k], np.max(np.abs(want - got), initial=0.0)))
+                scales[k] = max(scales[k], float(np.max(np.abs(want), initial=0.0)))
             rows = expected[0].shape[0] if expected[0].ndim else 1
             agree += int(np.sum(_top1(expected[0], rows) == _top1(actual[0], rows)))
             total += rows
     if total == 0:
         raise ExportError("check_parity got no samples; pass at least one non-empty batch.")
-    return ParityReport(max_diff, agree / total, total, float(atol), tuple(session.get_providers()), scale,
-                        float(rtol))
+    outputs = tuple({"name": name, "max_abs_diff": diff, "scale": size, "rel_diff": _relative(diff, size)}
+                    for name, diff, size in zip(names, diffs, scales))
+    max_diff = float(np.max(diffs)) if diffs else 0.0  # np.max keeps a NaN difference
+    return ParityReport(max_diff, agree / total, total, float(atol), tuple(session.get_providers()),
+                        max(scales, default=0.0), float(rtol), outputs)
+
+
+def _relative(diff: float, scale: float) -> float:
+    """``diff / scale``: 0 when both are 0, inf when only ``scale`` is."""
+    if scale > 0 or math.isnan(diff):
+        return diff / scale if scale > 0 else diff
+    return 0.0 if diff == 0 else math.inf
 
 
 def _cpu_float_model(model: nn.Module) -> nn.Module:

@@ -11,6 +11,22 @@ import torch
 from ..errors import DataError, InputError
 
 
+def standard_nchw(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a freshly allocated NCHW tensor (a copy only when they differ).
+
+    ``Tensor.contiguous()`` is not enough: it ignores the strides of size-1 dimensions, so one-channel images
+    transposed from NHWC keep strides ``(H*W, 1, W, 1)``, which convolutions read as channels-last; their outputs
+    are then channels-last and a model that flattens with ``x.view(-1, n)`` fails ("view size is not compatible
+    with input tensor's size and stride").
+    """
+    standard: list[int] = []
+    step = 1
+    for size in reversed(x.shape):
+        standard.insert(0, step)
+        step *= size
+    return x if x.stride() == tuple(standard) else x.clone(memory_format=torch.contiguous_format)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """An in-memory image classification dataset.
 
@@ -38,7 +54,7 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DataError(f"{source}: labels must be a 1-D integer array; got {y.dtype} of shape {tuple(y.shape)}")
         if len(x) != len(y):
             raise DataError(f"{source}: {len(x)} images but {len(y)} labels; x and y must have the same length")
-        self.x, self.y = x.contiguous(), y.to(torch.int64)
+        self.x, self.y = standard_nchw(x), y.to(torch.int64)
         self.source = source
         self.class_names = tuple(class_names) if class_names is not None else None
 

@@ -128,10 +128,16 @@ def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.flatten(2) if x.ndim >= 3 else x.reshape(x.shape[0], x.shape[1], 1)
 
 
-def _recorder(store: dict, fired: dict, pool: int) -> Callable[[tuple[str, bool], torch.Tensor], None]:
-    """Keep each point's pooled maps (on the CPU) in ``store`` and the order in which the points first fired."""
+def _recorder(store: dict, fired: dict, pool: int, linear: set[str]
+              ) -> Callable[[tuple[str, bool], torch.Tensor], None]:
+    """Keep each point's pooled maps (on the CPU) in ``store`` and the order in which the points first fired.
+
+    A ``Linear`` layer's features are its *last* dimension; on a channels-last map ``(N, H, W, C)`` (ConvNeXt's
+    pointwise layers) they are moved to dimension 1 first, so every point is read as ``(N, C, ...)``."""
     def record(key: tuple[str, bool], x: torch.Tensor) -> None:
         fired.setdefault(key, len(fired))
+        if key[0] in linear and x.ndim > 2:
+            x = x.movedim(-1, 1)
         store.setdefault(key, []).append(_pool(x, pool).cpu())
     return record
 
@@ -149,7 +155,8 @@ def capture(model: nn.Module, taps: Mapping[str, Sequence[Tap]], calib: Any, *, 
     fired: dict = {}
     labels, batches = [], 0
     device = next(model.parameters()).device
-    with recording(model, points, _recorder(store, fired, pool)), torch.no_grad():
+    linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    with recording(model, points, _recorder(store, fired, pool, linear)), torch.no_grad():
         for x, y in calib:
             model(x.to(device))
             labels.append(torch.as_tensor(y).reshape(-1))

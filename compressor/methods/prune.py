@@ -25,7 +25,7 @@ from torch import nn
 from .. import widths
 from ..errors import InputError, PruningError
 from ..metrics import count_macs
-from ..pruning import engine
+from ..pruning import coverage, engine
 from ..pruning.budget import aligned_to
 from ..pruning.engine import PruningGroup
 from .base import Method, MethodContext, MethodResult, register_replay
@@ -74,14 +74,26 @@ class PruneMethod(Method):
     def apply(self, model: nn.Module, ctx: MethodContext) -> MethodResult:
         budget, example = ctx.budget, ctx.example
         graph = engine.build_graph(model, example)
-        groups = engine.discover_groups(model, graph, ignore=budget.ignore_layers)
+        skipped: list[engine.SkippedGroup] = []
+        groups = engine.discover_groups(model, graph, ignore=budget.ignore_layers, skipped=skipped)
+        groups, broken = engine.validate_groups(model, example, groups, min_keep=budget.min_keep)
+        skipped += broken
         if not groups:
-            raise InputError("the model has no prunable channel groups (no Conv2d/Linear feeding another layer)")
-        if budget.round_to == widths.AUTO:
-            return self._apply_auto(model, ctx, graph, groups)
-        round_to = int(budget.round_to)
-        scored, seconds = self._score(model, ctx, graph, groups, round_to)
-        return self._prune(model, ctx, groups, scored, seconds, round_to)
+            raise InputError("the model has no prunable channel groups (no Conv2d/Linear feeding another layer)"
+                             + _skipped_note(skipped))
+        try:
+            if budget.round_to == widths.AUTO:
+                result = self._apply_auto(model, ctx, graph, groups)
+            else:
+                round_to = int(budget.round_to)
+                scored, seconds = self._score(model, ctx, graph, groups, round_to)
+                result = self._prune(model, ctx, groups, scored, seconds, round_to)
+        except PruningError as exc:
+            if not skipped:
+                raise
+            raise PruningError(f"{exc}{_skipped_note(skipped)}") from exc
+        result.report["skipped"] = [s.row() for s in skipped]
+        return result
 
     def _score(self, model: nn.Module, ctx: MethodContext, graph: tp.DependencyGraph,
                groups: Sequence[PruningGroup], round_to: int) -> tuple[Scores, float]:
@@ -111,7 +123,7 @@ class PruneMethod(Method):
         with torch.no_grad():
             reference = model(example).shape
             engine.apply_keep(pruned, pruned_graph, groups, scored.scores, keep,
-                              check=_output_check(example, reference), channels=channels)
+                              check=coverage.output_check(example, reference), channels=channels)
         report = {"scorer": self.name, "prune_target": budget.target, "scoring_seconds": round(seconds, 4),
                   "groups": [_group_row(g, int(keep[g.root]), round_to) for g in groups]}
         if allocation is not None:
@@ -170,21 +182,24 @@ class PruneMethod(Method):
 
 def _group_row(group: PruningGroup, keep: int, round_to: int) -> dict[str, Any]:
     """One group as the report shows it, with the alignment its keep count got (``round_to``, half of it, ... 1;
-    None when the group keeps every channel)."""
-    return {"root": group.root, "channels": group.channels, "keep": keep,
-            "aligned_to": aligned_to(keep, group.channels, round_to),
-            "layers": list(group.out_layers)}
+    None when the group keeps every channel); ``keep`` is what the group really keeps (a whole number of positions
+    per channel block, :func:`~compressor.pruning.engine.effective_keep`)."""
+    keep = engine.effective_keep(group, keep)
+    row = {"root": group.root, "channels": group.channels, "keep": keep,
+           "aligned_to": aligned_to(keep, group.channels, round_to),
+           "layers": list(group.out_layers)}
+    if group.blocks > 1:
+        row["blocks"] = group.blocks
+    return row
 
 
-def _output_check(example: torch.Tensor, reference: torch.Size):
-    """A check run after each pruned group: same output shape, finite values."""
-
-    def check(model: nn.Module) -> None:
-        out = model(example)
-        if out.shape != reference or not torch.isfinite(out).all():
-            raise ValueError(f"output shape {tuple(out.shape)} (expected {tuple(reference)}) or non-finite values")
-
-    return check
+def _skipped_note(skipped: Sequence[engine.SkippedGroup]) -> str:
+    """What an error adds when groups were skipped: how many, and the first one's root and reason."""
+    if not skipped:
+        return ""
+    first = skipped[0]
+    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return f" ({len(skipped)} group(s) cannot be pruned and were skipped: {first.root!r}: {first.reason}{more})"
 
 
 def replay_prune(model: nn.Module, record: Mapping[str, Any], example: torch.Tensor) -> nn.Module:

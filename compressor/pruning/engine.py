@@ -16,8 +16,10 @@ Target convention: ``target`` is the fraction *removed*, of one metric:
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,15 +28,15 @@ from torch import nn
 
 from ..errors import InputError, PruningError
 from ..metrics import count_filters, count_macs, count_params
-from . import budget
-from .budget import TARGET_TOLERANCE, floor_keep
+from . import budget, coverage
+from .budget import TARGET_TOLERANCE, floor_keep, round_up
+from .coverage import SkippedGroup
 from .shortcut import customized_pruners
 
 __all__ = [
-    "METRICS", "TARGET_TOLERANCE", "PruningGroup", "allocate_uniform", "apply_keep", "build_graph",
-    "discover_groups", "floor_keep", "full_tp_group", "lowest_scored", "measure", "meter", "producer_segments",
-    "reaches_prunable", "record_kept", "removed_fraction",
-    "uniform_keep",
+    "METRICS", "TARGET_TOLERANCE", "PruningGroup", "SkippedGroup", "allocate_uniform", "apply_keep", "build_graph",
+    "discover_groups", "effective_keep", "floor_keep", "full_tp_group", "lowest_scored", "measure", "meter",
+    "producer_segments", "reaches_prunable", "record_kept", "removed_fraction", "uniform_keep", "validate_groups",
 ]
 
 METRICS = ("filters", "params", "macs")
@@ -54,20 +56,50 @@ class PruningGroup:
         Conv/Linear layers whose *output* channels are removed with the group (a residual stream has several).
     in_layers : tuple of str
         Layers whose *input* channels are removed with the group.
+    blocks : int
+        Channel blocks of a grouped convolution or GroupNorm in the group (:func:`coverage.channel_blocks`): every
+        block keeps the same positions, so the group keeps a multiple of ``blocks`` channels (1: no constraint).
     """
 
     root: str
     channels: int
     out_layers: tuple[str, ...]
     in_layers: tuple[str, ...]
+    blocks: int = 1
+
+
+#: Per graph, the nodes whose torch-pruning index mapping failed (their groups are skipped, see ``discover_groups``).
+_UNMAPPED: weakref.WeakKeyDictionary[tp.DependencyGraph, dict[Any, str]] = weakref.WeakKeyDictionary()
+_INDEX_MAPPING_FILE = Path(tp.dependency.index_mapping.__file__).name
 
 
 def build_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
-    """Trace ``model`` into a torch-pruning dependency graph that understands :class:`ChannelShortcut`."""
+    """Trace ``model`` into a torch-pruning dependency graph that understands :class:`ChannelShortcut` and the
+    model's unwrapped parameters (:func:`coverage.unwrapped_parameters`: layer scale).
+
+    When torch-pruning's index-mapping update fails on a node (a channel shuffle's reshape), the other nodes are
+    mapped one by one and the failed ones remembered, so that :func:`discover_groups` skips only their groups.
+    Any other torch-pruning failure is a :class:`PruningError` (the model cannot be traced for pruning).
+    """
     model.eval()
-    return tp.DependencyGraph().build_dependency(
-        model, example_inputs=example_input, customized_pruners=customized_pruners()
-    )
+    graph = tp.DependencyGraph()
+    declared, unknown = coverage.unwrapped_parameters(graph, model)
+    try:
+        graph.build_dependency(
+            model, example_inputs=example_input, customized_pruners=customized_pruners(), verbose=False,
+            unwrapped_parameters=[tp._helpers.UnwrappedParameters(p, dim) for p, dim in declared],
+            ignored_params=unknown)
+    except Exception as exc:  # noqa: BLE001 - torch-pruning's own failure, turned into a group skip or exit 2
+        frames = []
+        tb = exc.__traceback__
+        while tb is not None:
+            frames.append(Path(tb.tb_frame.f_code.co_filename).name)
+            tb = tb.tb_next
+        if _INDEX_MAPPING_FILE not in frames:
+            raise PruningError(f"torch-pruning cannot trace the model for pruning ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        _UNMAPPED[graph] = coverage.index_mapping_failures(graph)
+    return graph
 
 
 def _output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
@@ -108,14 +140,23 @@ def _names_to_modules(model: nn.Module, names: Iterable[str]) -> list[nn.Module]
 
 
 def discover_groups(
-    model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequence[str] = ()
+    model: nn.Module, graph: tp.DependencyGraph, *, ignore: Sequence[str] = (),
+    skipped: list[SkippedGroup] | None = None,
 ) -> list[PruningGroup]:
-    """All prunable groups of ``model``, excluding those that touch an ignored or an output layer."""
+    """All prunable groups of ``model``, excluding those that touch an ignored or an output layer and those whose
+    channel indices torch-pruning cannot map (:func:`coverage.barrier`: a channel shuffle), which are appended to
+    ``skipped`` when it is given."""
     names = {m: n for n, m in model.named_modules()}
     ignored = _names_to_modules(model, ignore) + _output_layers(graph)
-    groups = []
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
-        root = group[0].dep.target.module
+    unmapped = _UNMAPPED.get(graph, {})
+    groups: list[PruningGroup] = []
+    for root, group, error in coverage.all_groups(graph, ignored, (nn.Conv2d, nn.Linear)):
+        if group is None:
+            if skipped is not None and root in names:
+                failure = f"torch-pruning fails to map its channel indices ({str(error)[:200]}; e.g. a channel shuffle)"
+                skipped.append(SkippedGroup(names[root], (names[root],), failure))
+            continue
+        reason = coverage.barrier(group, unmapped)
         outs: list[str] = []
         ins: list[str] = []
         for dep, _ in group:
@@ -126,9 +167,38 @@ def discover_groups(
             if names[module] not in target:
                 target.append(names[module])
         channels = graph.get_out_channels(root)
-        if channels and channels > 1:
-            groups.append(PruningGroup(names[root], int(channels), tuple(outs), tuple(ins)))
+        if not channels or channels <= 1 or root not in names:
+            continue
+        if reason is not None:
+            if skipped is not None:
+                skipped.append(SkippedGroup(names[root], tuple(outs), reason))
+            continue
+        blocks = coverage.channel_blocks(group)
+        if channels % blocks or channels == blocks:
+            if skipped is not None and channels % blocks:
+                skipped.append(SkippedGroup(names[root], tuple(outs), f"{channels} channels do not split into the "
+                                            f"{blocks} blocks of its grouped layers"))
+            continue
+        groups.append(PruningGroup(names[root], int(channels), tuple(outs), tuple(ins), blocks))
     return groups
+
+
+def validate_groups(model: nn.Module, example: torch.Tensor, groups: Sequence[PruningGroup], *,
+                    min_keep: float) -> tuple[list[PruningGroup], list[SkippedGroup]]:
+    """The groups that prune without breaking ``model`` and the skipped rest (:func:`coverage.validate`: each group
+    pruned to its floor on a copy, the model run after each)."""
+
+    def prune(trial: nn.Module, graph: tp.DependencyGraph, chosen: Sequence[PruningGroup], keep: Mapping[str, int],
+              check: Callable[[nn.Module], None]) -> None:
+        scores = {g.root: torch.arange(g.channels, 0, -1, dtype=torch.float32) for g in chosen}
+        apply_keep(trial, graph, chosen, scores, keep, check=check)
+
+    return coverage.validate(model, example, groups, min_keep=min_keep, prune=prune, build=build_graph)
+
+
+def effective_keep(group: PruningGroup, keep: int) -> int:
+    """Channels ``group`` really keeps for a requested ``keep``: rounded up to a whole number per channel block."""
+    return min(group.channels, round_up(int(keep), group.blocks))
 
 
 def full_tp_group(model: nn.Module, graph: tp.DependencyGraph, group: PruningGroup) -> tp.dependency.Group:
@@ -170,10 +240,10 @@ def apply_keep(
     names = {id(m): n for n, m in modules.items()}
     removed: dict[str, list[int]] = {}
     for g in groups:
-        n_drop = g.channels - int(keep[g.root])
+        n_drop = g.channels - effective_keep(g, keep[g.root])
         if n_drop <= 0:
             continue
-        idxs = lowest_scored(scores[g.root], n_drop, producer_segments(model, graph, g))
+        idxs = _chosen(scores[g.root], n_drop, producer_segments(model, graph, g), g.blocks)
         root = modules[g.root]
         try:
             tp_group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, idxs)
@@ -191,6 +261,18 @@ def apply_keep(
             ) from exc
         removed[g.root] = idxs
     return removed
+
+
+def _chosen(scores: torch.Tensor, n_drop: int, segments: Sequence[set[int]], blocks: int) -> list[int]:
+    """:func:`lowest_scored`, by position when the channels fall into ``blocks`` blocks: a position's score is its
+    mean over the blocks, and the same ``n_drop / blocks`` positions go from every block (torch-pruning's grouped
+    convolution rule)."""
+    if blocks <= 1:
+        return lowest_scored(scores, n_drop, segments)
+    size = scores.numel() // blocks
+    position_scores = scores.detach().float().cpu().reshape(blocks, size).mean(0)
+    positions = lowest_scored(position_scores, n_drop // blocks, [{c % size for c in seg} for seg in segments])
+    return sorted(p + b * size for b in range(blocks) for p in positions)
 
 
 _PRODUCERS = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels)
