@@ -22,7 +22,8 @@ Suites:
 * ``deploy`` (issue 12): what ships. ResNet-56 (``../shared``, real top-1) with ``l1``, ``cmi``, ``mipp`` at a third of
   the filters and ``tucker`` at a third of the params, each pruning method at ``--round-to`` 8, 16 and ``auto`` (when
   this checkout's :class:`compressor.config.CompressConfig` accepts it; tucker's ranks are not aligned, so it runs
-  once), ``blocks`` (depth pruning; no alignment) and ``blocks+l1`` (``--round-to 16``); and torchvision's
+  once), ``blocks`` (depth pruning; no alignment; also at half the filters) and ``blocks+l1`` (``--round-to 16``);
+  and torchvision's
   ResNet-18, ResNet-50 and MobileNetV2 at 224x224 (model code only, random weights, 1000 classes:
   latency only, see :mod:`benchmarks.torchvision_models`) with ``l1`` at 0.33. Every row quantises both graphs to
   INT8 and times all four (fp32/INT8 x original/compressed) interleaved on one thread (every stage runs on one
@@ -188,7 +189,8 @@ def grid(models: Iterable[str], methods: Iterable[str],
 def deploy_grid() -> tuple[Config, ...]:
     """Issue 12's deployment grid, most wanted rows first (a resumed run fills the rest): ResNet-56 ``l1`` and
     ``mipp`` and ResNet-18 ``l1`` at ``--round-to`` 16 and 8, then MobileNetV2, ``cmi``, ResNet-50, ``tucker``, then
-    ``auto``, then depth pruning (``blocks``, and ``blocks+l1`` at 16) on ResNet-56."""
+    ``auto``, then depth pruning on ResNet-56 (``blocks``, ``blocks+l1`` at 16, and ``blocks`` at half the filters:
+    what the INT8 latency targets need, see ``benchmarks/int8_floor.py``)."""
     def rows(model: str, method: str, aligns: tuple[int | str | None, ...]) -> tuple[Config, ...]:
         return tuple(Config(model, method, 0.33, None, r) for r in aligns)
 
@@ -196,7 +198,8 @@ def deploy_grid() -> tuple[Config, ...]:
              ("resnet50", "l1"))
     fixed = [c for model, method in order for c in rows(model, method, (16, 8))]
     auto = [c for model, method in order for c in rows(model, method, ("auto",))]
-    depth = (*rows("resnet56", "blocks", (None,)), *rows("resnet56", "blocks+l1", (16,)))
+    depth = (*rows("resnet56", "blocks", (None,)), *rows("resnet56", "blocks+l1", (16,)),
+             Config("resnet56", "blocks", 0.5, None, None))
     return (*fixed, *rows("resnet56", "tucker", (None,)), *auto, *depth)
 
 

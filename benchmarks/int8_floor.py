@@ -12,7 +12,8 @@ INT8 graphs quantised in the run's default format, all timed alternately on ``--
   blocks per stage instead of 9): what removing depth alone would give;
 * ResNet-56 pruned by ``l1`` (``--epochs 0``, no reconstruction: latency does not depend on the weights) at growing
   fractions of the filters, up to what the method reaches: the speed-up channel pruning alone can give, i.e. the
-  asymptote it runs into.
+  asymptote it runs into;
+* ResNet-56 depth-pruned by ``blocks`` (whole residual blocks removed) at a third and half of the filters.
 
 Per graph it records p50, MACs, node count, and the ratio to ResNet-56 in the same precision and to the fp32
 ResNet-56. Random calibration images: latency depends on the graph, not on the calibrated ranges.
@@ -20,6 +21,7 @@ ResNet-56. Random calibration images: latency depends on the graph, not on the c
 Usage::
 
     python -m benchmarks.int8_floor [--threads 1] [--repeats 100] [--targets 0.33,0.5,0.67,0.8,0.9] [--round-to 8]
+        [--blocks-targets 0.33,0.5]
 
 Writes ``benchmarks/results/int8_floor.json``.
 """
@@ -48,11 +50,11 @@ DEPTHS = {f"resnet{n}": SHARED / f"models/cifar10-resnet/{name}" for n, name in
            (56, "resnet56-4bfd9763.th"))}
 
 
-def pruned(target: float, round_to: int, threads: int) -> torch.nn.Module | str:
-    """ResNet-56 with ``target`` of its filters removed by ``l1`` (no fine-tuning), or the error's message."""
+def pruned(target: float, round_to: int, threads: int, method: str = "l1") -> torch.nn.Module | str:
+    """ResNet-56 with ``target`` of its filters removed by ``method`` (no fine-tuning), or the error's message."""
     try:
         result = compress(str(DEPTHS["resnet56"]), arch="resnet56", data=str(TRAIN), eval_data=str(TEST),
-                          normalize="cifar", method="l1", target=target, round_to=round_to, epochs=0,
+                          normalize="cifar", method=method, target=target, round_to=round_to, epochs=0,
                           reconstruct=False, bn_recalib=64, quantize="none", bench_batches=(), threads=threads,
                           out=None)
     except CompressorError as exc:
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--targets", type=lambda s: [float(t) for t in s.split(",")],
                         default=[0.33, 0.5, 0.67, 0.8, 0.9])
+    parser.add_argument("--blocks-targets", type=lambda s: [float(t) for t in s.split(",")], default=[0.33, 0.5],
+                        help="fractions of the filters removed by depth pruning (--method blocks)")
     parser.add_argument("--out", type=Path, default=RESULTS / "int8_floor.json")
     args = parser.parse_args(argv)
     if missing(*DEPTHS.values(), TRAIN, TEST):
@@ -77,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in DEPTHS.items():
         models[name] = load_model(path, arch=name).model.eval()
     skipped: dict[str, str] = {}
-    for t in args.targets:
-        model = pruned(t, args.round_to, args.threads)
-        if isinstance(model, str):
-            skipped[f"resnet56-l1-{t}"] = model
-        else:
-            models[f"resnet56-l1-{t}"] = model.eval()
+    for method, targets in (("l1", args.targets), ("blocks", args.blocks_targets)):
+        for t in targets:
+            model = pruned(t, args.round_to, args.threads, method)
+            if isinstance(model, str):
+                skipped[f"resnet56-{method}-{t}"] = model
+            else:
+                models[f"resnet56-{method}-{t}"] = model.eval()
     example = torch.zeros(1, 3, 32, 32)
     calib = [np.random.default_rng(0).standard_normal((64, 3, 32, 32)).astype(np.float32)]
     p50 = {"fp32": OnnxLatency(example, batch=1, threads=args.threads, repeats=args.repeats)(models),
