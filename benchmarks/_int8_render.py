@@ -130,7 +130,7 @@ TARGETS = (
 
 def _candidates(rows: list[dict[str, Any]], target: Target) -> list[tuple[float, dict[str, Any]]]:
     found = [(target.value(r), r) for r in rows if r["status"] == "ok" and r["model"] == target.model
-             and r.get("target_metric") == "filters"]
+             and r.get("target_metric") == "filters" and abs(float(r.get("target") or 0) - 0.33) < 1e-9]
     return [(v, r) for v, r in found if v is not None]
 
 
