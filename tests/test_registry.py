@@ -36,9 +36,12 @@ def test_build_method_parses_chains() -> None:
     assert chain.default_metric == "params" and chain.requires_data
     with pytest.raises(UnknownNameError, match="unknown method 'l3'"):
         build_method("l3")
-    with pytest.raises(InputError, match="at most one pruning method"):
+    with pytest.raises(InputError, match="at most one channel-pruning method"):
         build_method("l1+random")
-    with pytest.raises(InputError, match="at most one pruning method, first"):
+    with pytest.raises(InputError, match="at most one channel-pruning method, first or after blocks"):
         build_method("tucker+l1")
+    with pytest.raises(InputError, match="first or after blocks"):
+        build_method("l1+blocks")
+    assert build_method("blocks+l1").label == "blocks+l1"
     with pytest.raises(InputError, match="--chain-split must be in"):
         build_method("l1+tucker", {"chain_split": 1.0})
