@@ -40,8 +40,6 @@ def test_build_method_parses_chains() -> None:
         build_method("l1+random")
     with pytest.raises(InputError, match="at most one channel-pruning method, first or after blocks"):
         build_method("tucker+l1")
-    with pytest.raises(InputError, match="first or after blocks"):
-        build_method("l1+blocks")
     assert build_method("blocks+l1").label == "blocks+l1"
     with pytest.raises(InputError, match="--chain-split must be in"):
         build_method("l1+tucker", {"chain_split": 1.0})
