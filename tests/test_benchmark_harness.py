@@ -333,7 +333,7 @@ def test_torchvision_factories_build_through_arch(name: str) -> None:
 
 
 def _target_row(key: str, model: str, **values: float) -> dict[str, Any]:
-    return {"key": key, "model": model, "status": "ok", "target_metric": "filters", **values}
+    return {"key": key, "model": model, "status": "ok", "target_metric": "filters", "target": 0.33, **values}
 
 
 def test_targets_section_names_the_best_row_and_the_margin() -> None:
@@ -341,8 +341,10 @@ def test_targets_section_names_the_best_row_and_the_margin() -> None:
                         int8_drop_orig=-0.001),
             _target_row("r56-b", "resnet56", speedup_int8_b1=3.3, int8_gain_b1=1.1, int8_drop=0.008,
                         int8_drop_orig=0.0),
-            _target_row("r18-a", "resnet18", int8_gain_b1=1.8, mac_reduction=2.2)]
+            _target_row("r18-a", "resnet18", int8_gain_b1=1.8, mac_reduction=2.2),
+            {**_target_row("r56-half", "resnet56", speedup_int8_b1=9.0, int8_gain_b1=9.0), "target": 0.5}]
     text = "\n".join(_int8_render.targets_section(rows))
+    assert "r56-half" not in text  # the targets are at a third of the filters; other targets are not candidates
     assert "| `r56-b` | n/a | 3.30× | **met** | 110% of the target | 1 of 2 |" in text
     assert "| `r56-a` | n/a | 1.20× | missed | 80% of the target | 0 of 2 |" in text
     assert "| `r56-a` | n/a | 0.3 points | **met** | +0.2 points | 1 of 2 |" in text
