@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import parse_ints, run_guarded, setup_logging
+from .common import Debug, parse_ints, run_guarded, setup_logging
 
 __all__ = ["EXAMPLE", "bench_command", "register"]
 
@@ -43,7 +43,7 @@ def bench_command(
     device: Annotated[str, typer.Option(
         help="auto (CUDA when onnxruntime offers it), cpu or cuda. E.g. --device cpu")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Thin CLI layer: parse flags, call :func:`compressor.bench.bench_onnx`, print, exit."""
     setup_logging(debug)

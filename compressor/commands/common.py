@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -26,6 +26,12 @@ from ..errors import CompressorError, InputError
 __all__ = ["make_app", "parse_ints", "run_guarded", "setup_logging"]
 
 T = TypeVar("T")
+
+#: ``--debug``: the same option on every subcommand.
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")]
+#: ``--trust-pickle``: subcommands that load a model.
+TrustPickle = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow loading a whole pickled nn.Module. Unpickling runs code: only for files you trust.")]
 
 
 def run_guarded(fn: Callable[[], T], *, debug: bool) -> tuple[int, T | None]:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import run_guarded, setup_logging
+from .common import Debug, TrustPickle, run_guarded, setup_logging
 
 __all__ = ["EXAMPLE", "distill_command", "register"]
 
@@ -53,11 +53,10 @@ def distill_command(
     dsa: Annotated[bool, typer.Option(
         "--dsa/--no-dsa", help="Differentiable Siamese augmentation of real and synthetic batches.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the initial images, batches, augmentations and networks.")] = 0,
-    trust_pickle: Annotated[bool, typer.Option(
-        "--trust-pickle", help="Allow loading a whole pickled nn.Module for --model (unpickling runs code).")] = False,
+    trust_pickle: TrustPickle = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Thin CLI layer: check the output, call :func:`compressor.distill_data.distill`, save, print one line."""
     setup_logging(debug)

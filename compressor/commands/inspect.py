@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import parse_ints, run_guarded, setup_logging
+from .common import Debug, TrustPickle, parse_ints, run_guarded, setup_logging
 
 __all__ = ["EXAMPLE", "inspect_command", "register"]
 
@@ -36,9 +36,7 @@ def inspect_command(
         help="Architecture: a built-in name (resnet20..resnet110, vgg11_bn, vgg16_bn, mobilenetv2, samplenet), "
              "path/to/file.py:fn or package.module:fn; optional when the checkpoint records it. "
              "E.g. --arch resnet56")] = None,
-    trust_pickle: Annotated[bool, typer.Option(
-        "--trust-pickle", help="Allow loading a whole pickled nn.Module. Unpickling runs code: only for files you "
-                               "trust.")] = False,
+    trust_pickle: TrustPickle = False,
     input_shape: Annotated[Optional[str], typer.Option(
         help="Per-image input shape C,H,W (default: the architecture's; required for a pickled module or a "
              "file.py:fn factory). E.g. --input-shape 3,32,32")] = None,
@@ -46,7 +44,7 @@ def inspect_command(
         help="Leave out the group of this layer, as compress --ignore-layer would (repeatable). "
              "E.g. --ignore-layer layer3.0.conv1")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of tables.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Thin CLI layer: parse flags, call :func:`compressor.inspect.inspect_checkpoint`, print, exit."""
     setup_logging(debug)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import run_guarded, setup_logging
+from .common import Debug, TrustPickle, run_guarded, setup_logging
 
 __all__ = ["EXAMPLE", "register", "stability_command"]
 
@@ -68,11 +68,10 @@ def stability_command(
     eval_images: Annotated[int, typer.Option(
         help="Images of --data evaluated when --eval-data is not given. E.g. --eval-images 1000")] = 1000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda. E.g. --device cpu")] = "auto",
-    trust_pickle: Annotated[bool, typer.Option(
-        "--trust-pickle", help="Allow loading a whole pickled nn.Module (unpickling runs code).")] = False,
+    trust_pickle: TrustPickle = False,
     plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write stability.png (needs matplotlib).")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs already in --out.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    debug: Debug = False,
 ) -> None:
     """Thin CLI layer: check the output folder, call :func:`compressor.stability.stability`, save, print."""
     setup_logging(debug)

@@ -158,7 +158,7 @@ class Blocks(Method):
         ignored = [c for c in candidates if any(c == i or c.startswith(i + ".") for i in ctx.budget.ignore_layers)]
         candidates = [c for c in candidates if c not in ignored]
         total = engine.measure(ctx.original, ctx.example, metric)
-        reference = _logits(ctx.original.to(ctx.device).eval(), batches, ctx.device)
+        reference = _logits(copy.deepcopy(ctx.original).to(ctx.device).eval(), batches, ctx.device)  # not moved
         steps: list[dict[str, Any]] = []
         dropped: list[str] = []
         achieved = 1.0 - engine.measure(work, ctx.example, metric) / total
