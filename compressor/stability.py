@@ -40,6 +40,7 @@ from torch import nn
 from .data import ImageDataset, calibration_subset, check_dataset, load_dataset, make_loader
 from .errors import InputError, OutputError
 from .io import check_writable_dir, load_model
+from .methods.masks import MaskKeeper, masked_layers, sparsity
 from .training import TrainConfig, Trainer, evaluate, recalibrate_bn
 
 __all__ = ["OUTPUT_FILES", "PLOT_EXTRA", "StabilityResult", "check_out_dir", "error_barrier", "interpolate_state",
@@ -174,6 +175,8 @@ def stability(model: str | os.PathLike[str] | nn.Module, *, data: Any, eval_data
     ----------
     model : path or nn.Module
         Any checkpoint :func:`compressor.io.load_model` reads (``compressed.pt`` included: pruned, factorised, ...).
+        Weight masks it carries (``sparsity_mask`` buffers of ``--method imp --imp-granularity weight``) stay in
+        force while both copies train (:class:`~compressor.methods.masks.MaskKeeper`).
     data, eval_data : path spec or ImageDataset
         Training images (required), evaluation images (default: ``eval_images`` class-balanced images of ``data``).
     epochs, steps : int
@@ -208,6 +211,7 @@ def stability(model: str | os.PathLike[str] | nn.Module, *, data: Any, eval_data
             check_dataset(ds, input_shape=shape, num_classes=num_classes, name=flag)
     evaluated_on = f"--eval-data ({len(test)} images)" if test is not None else f"--data ({eval_images} images)"
     test = test if test is not None else calibration_subset(train, eval_images, seed=0)
+    masked = [name for name, _ in masked_layers(base)]
     copies, records = [], []
     for seed in (seed_a, seed_b):
         net = copy.deepcopy(base).to(dev)
@@ -215,10 +219,17 @@ def stability(model: str | os.PathLike[str] | nn.Module, *, data: Any, eval_data
                                   seed=seed)
         if budget_steps is not None:
             loader = _Steps(loader, budget_steps)
-        done = Trainer(replace(config, seed=seed), device=dev, progress=train_progress).fit(net, loader)
+        # a weight-IMP model carries its masks as buffers: both copies train with them in force (masked gradients and
+        # weights zeroed at every step), so the path joins two networks of the same sparse support
+        keep = [MaskKeeper({"kind": "mask", "layers": masked})] if masked else []
+        done = Trainer(replace(config, seed=seed), device=dev, progress=train_progress).fit(net, loader,
+                                                                                            callbacks=keep)
         copies.append(done.model)
-        records.append({"seed": seed, "epochs": done.epochs, "steps": done.epochs * len(loader),
-                        "seconds": round(done.seconds, 2), "last_loss": done.history[-1]["loss"]})
+        record = {"seed": seed, "epochs": done.epochs, "steps": done.epochs * len(loader),
+                  "seconds": round(done.seconds, 2), "last_loss": done.history[-1]["loss"]}
+        if masked:
+            record["sparsity"] = sparsity(done.model)["overall"]
+        records.append(record)
     bn_loader = make_loader(calibration_subset(train, bn_images, seed=0), batch_size=batch_size, normalize=normalize)
     eval_loader = make_loader(test, batch_size=batch_size, normalize=normalize)
     errors = linear_path_errors(copies[0], copies[1], alphas=alphas, bn_loader=bn_loader, eval_loader=eval_loader,
@@ -226,7 +237,7 @@ def stability(model: str | os.PathLike[str] | nn.Module, *, data: Any, eval_data
     settings = {"model": str(model) if loaded is not None else type(model).__name__, "normalize": str(normalize),
                 "epochs": epochs, "steps": steps, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
                 "batch_size": batch_size, "augment": augment, "points": points, "bn_images": bn_images,
-                "device": str(dev)}
+                "device": str(dev), "masked_layers": len(masked)}
     return StabilityResult(alphas=alphas, errors=errors, barrier=error_barrier(errors), accuracy_a=1.0 - errors[0],
                            accuracy_b=1.0 - errors[-1], evaluated_on=evaluated_on, training=records,
                            settings=settings)
@@ -262,7 +273,10 @@ def render_markdown(result: StabilityResult) -> str:
         f"{s['batch_size']}, augmentation {'on' if s['augment'] else 'off'}) with noise seeds "
         f"{result.training[0]['seed']} and {result.training[1]['seed']}; error on {result.evaluated_on} at "
         f"{len(result.alphas)} points of the straight line between them, BatchNorm statistics re-estimated on "
-        f"{s['bn_images']} training images at every point.", "",
+        f"{s['bn_images']} training images at every point." + (
+            f" Weight masks of {s['masked_layers']} layers kept in force while training (zeros in conv+linear "
+            f"weights after training: {100 * result.training[0]['sparsity']:.2f} % and "
+            f"{100 * result.training[1]['sparsity']:.2f} %)." if s.get("masked_layers") else ""), "",
         "| measure | value |", "| --- | --- |",
         f"| error barrier (max error on the path - mean of the endpoints) | {100 * result.barrier:.2f} points |",
         f"| top-1 of copy A (alpha = 0) | {100 * result.accuracy_a:.2f} % |",

@@ -117,6 +117,42 @@ def test_a_compressed_model_written_by_the_tool_is_accepted(tmp_path) -> None:
     assert len(result.errors) == 3 and all(0.0 <= e <= 1.0 for e in result.errors)
 
 
+def test_weight_masks_stay_in_force_on_both_copies_and_the_barrier_is_still_measured(tmp_path, monkeypatch) -> None:
+    import compressor.stability as stab
+    from compressor.methods.masks import MASK, apply_masks, global_magnitude_masks, prunable_layers
+
+    torch.manual_seed(0)
+    model = create_model("samplenet").eval()
+    names = list(prunable_layers(model))
+    total = sum(model.get_submodule(n).weight.numel() for n in names)
+    apply_masks(model, global_magnitude_masks(model, names, count=int(0.7 * total)))
+    path = tmp_path / "compressed.pt"  # as --method imp --imp-granularity weight writes it: buffers + mask record
+    torch.save(compressed_payload(model, arch="samplenet", input_shape=(3, 32, 32),
+                                  transforms=[{"kind": "mask", "layers": names}], meta={"num_classes": 10}), path)
+    seen = {}
+    measure = stab.linear_path_errors
+
+    def spy(model_a, model_b, **kwargs):
+        seen["copies"] = (model_a, model_b)
+        return measure(model_a, model_b, **kwargs)
+
+    monkeypatch.setattr(stab, "linear_path_errors", spy)
+    result = stability(path, data=_tiny_data(tmp_path), steps=4, batch_size=16, points=3, bn_images=16, lr=0.1,
+                       eval_images=16, seeds=(1, 2), device="cpu", train_progress=False)
+    assert len(result.errors) == 3 and result.barrier == pytest.approx(error_barrier(result.errors))
+    assert result.settings["masked_layers"] == len(names)
+    for copy_ in seen["copies"]:
+        layers = [m for m in copy_.modules() if hasattr(m, MASK)]
+        assert len(layers) == len(names)
+        pruned = sum(int((~getattr(m, MASK)).sum()) for m in layers)
+        assert pruned == int(0.7 * total)  # the masks themselves are unchanged by training
+        assert all(bool((m.weight[~getattr(m, MASK)] == 0).all()) for m in layers)  # exactly zero, not small
+        assert any(bool((m.weight[getattr(m, MASK)] != model.get_submodule(n).weight[getattr(m, MASK)]).any())
+                   for n, m in zip(names, layers))  # and the kept weights did train
+    assert all(r["sparsity"] >= 0.7 - 1e-3 for r in result.training)
+    assert "Weight masks of" in stab.render_markdown(result)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"data": None}, "pass --data"), ({"epochs": 1, "steps": 1}, "one of them"), ({"steps": None}, "--epochs N"),
     ({"steps": 0}, "--steps must be"), ({"seeds": (1,)}, "two integer"), ({"points": 1}, "--points"),

@@ -27,7 +27,8 @@ HELP = (
     "different SGD noise (batch order, augmentation), evaluate the error at --points coefficients on the straight "
     "line between them (BatchNorm statistics re-estimated at every point) and report the error barrier (the "
     "highest error on the path minus the mean of the endpoints') and both endpoints' top-1. MODEL is any checkpoint "
-    "compress reads, compressed.pt included. Writes stability.json, stability.md and stability.png into --out "
+    "compress reads, compressed.pt included; the weight masks of --method imp --imp-granularity weight stay in "
+    "force while both copies train. Writes stability.json, stability.md and stability.png into --out "
     f"(the plot needs matplotlib: pip install \"compressor[bench]\", or pass --no-plot).\n\n{EXAMPLE}"
 )
 
