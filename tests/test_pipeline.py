@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,14 +16,6 @@ from .conftest import SAMPLES, akamaster, shared_file
 
 REPORT_KEYS = {"params", "macs", "filters", "onnx_bytes", "accuracy"}
 LATENCY_KEYS = {"p50_ms", "p90_ms", "p99_ms"}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8), y=np.arange(40) % 10)
-    return path
 
 
 CHAINS = ["l1+tucker", "cmi+tucker", "blocks+l1"]

@@ -62,14 +62,6 @@ def apply(net: nn.Module, original: nn.Module | None = None, **kwargs: object):
     return method.apply(net, ctx)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8), y=np.arange(16) % 10)
-    return path
-
-
 # ------------------------------------------------------------------------------------------- end to end
 def test_resnet20_through_compress_gives_plain_conv_onnx_and_round_trips(tiny_data: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
