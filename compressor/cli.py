@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .commands import bench as bench_cmd
-from .commands import distill_cmd, stability_cmd
+from .commands import distill_cmd, slt_cmd, stability_cmd
 from .commands import inspect as inspect_cmd
 from .commands import methods as methods_cmd
 from .commands.common import make_app, parse_ints, run_guarded, setup_logging
@@ -31,7 +31,7 @@ from .options import OptionSpec
 
 EXAMPLE = ("Example: compress resnet56.th --arch resnet56 --data train.npz --eval-data test.npz --normalize imagenet "
            "--method l1 --target 0.33 --epochs 2 --out runs/r56-l1")
-SUBCOMMANDS = ("methods", "inspect", "bench", "distill", "stability")
+SUBCOMMANDS = ("methods", "inspect", "bench", "distill", "stability", "slt")
 MODEL, DATA, METHOD, TUNE, BENCH, OUT = ("Model", "Data", "Method and target", "Fine-tuning", "Verify and benchmark",
                                          "Output")
 
@@ -243,7 +243,7 @@ def build_app() -> typer.Typer:
     app = make_app(rich_markup_mode="rich")
     app.command(help=f"Compress a trained PyTorch CNN into a smaller, faster, verified ONNX graph.\n\n{EXAMPLE}\n\n"
                      "Subcommands: compress methods | compress inspect MODEL | compress bench A.onnx [B.onnx ...] | "
-                     "compress distill DATA | compress stability MODEL")(
+                     "compress distill DATA | compress stability MODEL | compress slt --arch ARCH")(
         command)
     return app
 
@@ -259,13 +259,14 @@ def _with_signature(fn: Any, params: list[inspect.Parameter]) -> Any:
 
 
 def build_tools() -> typer.Typer:
-    """The subcommands: ``methods``, ``inspect``, ``bench``, ``distill``, ``stability``."""
+    """The subcommands: ``methods``, ``inspect``, ``bench``, ``distill``, ``stability``, ``slt``."""
     tools = make_app()
     methods_cmd.register(tools)
     inspect_cmd.register(tools)
     bench_cmd.register(tools)
     distill_cmd.register(tools)
     stability_cmd.register(tools)
+    slt_cmd.register(tools)
     return tools
 
 
