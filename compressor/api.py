@@ -134,6 +134,7 @@ def compress(
     if options.get("target") is not None and options.get("target_latency") is not None:
         raise InputError("give --target or --target-latency, not both")
     arch, trust_pickle = options.pop("arch", None), bool(options.pop("trust_pickle", False))
+    arch_kwargs = options.pop("arch_kwargs", None)
     overwrite, command = bool(options.pop("overwrite", False)), options.pop("command", None)
     cfg = _config(config, options)
     method = build_method(cfg.method, cfg.method_options)  # unknown method or option: fail before any work
@@ -148,7 +149,7 @@ def compress(
     try:
         watch = stages.Stopwatch()
         with watch.stage("load"):
-            loaded = stages.load(model, arch=arch, trust_pickle=trust_pickle)
+            loaded = stages.load(model, arch=arch, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
             prepared = stages.prepare(loaded, data, eval_data, normalize=normalize, cfg=cfg, method=method)
         return _run(loaded, prepared, method, cfg, out_dir, watch, command, where)
     finally:
@@ -254,7 +255,7 @@ def _report(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, prepared: s
     return report_mod.assemble(
         tool={"name": "compressor", "command": command},
         model={"path": loaded.source, "arch": loaded.arch, "input_shape": list(example.shape[1:]),
-               "num_classes": prepared.num_classes},
+               "num_classes": prepared.num_classes, **loaded.details},
         method=section,
         original={**stages.sizes(original, example), "onnx_bytes": sizes["original"],
                   "onnx_deflated_bytes": deflated["original"], "accuracy": accuracy_original},
@@ -328,6 +329,7 @@ def _write(stage_dir: Path, model: nn.Module, loaded: LoadedModel, prepared: sta
     norm = prepared.normalization
     payload = compressed_payload(
         model, arch=loaded.arch, input_shape=tuple(prepared.example.shape[1:]), transforms=records,
+        arch_kwargs=loaded.arch_kwargs,
         meta={"num_classes": prepared.num_classes, "method": report["method"]["name"],
               "target": report["method"]["target"],
               "normalize": None if norm is None else {"mean": list(norm.mean), "std": list(norm.std)},

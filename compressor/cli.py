@@ -55,7 +55,10 @@ def _methods_help() -> str:
 
 RUN_FLAGS: tuple[Flag, ...] = (
     Flag("arch", Optional[str], None, "Architecture: a built-in name (resnet20..resnet110, vgg11_bn, vgg16_bn, "
-         "mobilenetv2, samplenet), path/to/file.py:fn or package.module:fn. E.g. --arch resnet56", MODEL),
+         "mobilenetv2, samplenet), torchvision:NAME or timm:NAME (model code of those packages, when installed), "
+         "path/to/file.py:fn or package.module:fn. E.g. --arch resnet56, --arch torchvision:resnet18", MODEL),
+    Flag("arch_kwargs", Optional[str], None, "Keyword arguments for the --arch factory, KEY=VALUE,... (ints, floats, "
+         "true/false, none, else strings). E.g. --arch-kwargs num_classes=10,drop_rate=0.1", MODEL),
     Flag("trust_pickle", bool, False, "Allow loading a whole pickled nn.Module. Unpickling runs code: only for files "
          "you trust.", MODEL, ("--trust-pickle",)),
     Flag("data", Optional[str], None, "Calibration and fine-tuning data: .npz with x,y; ImageFolder dir; CIFAR-10 "
@@ -94,6 +97,9 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("epochs", int, 0, "Fine-tuning epochs (0 = none). E.g. --epochs 2", TUNE),
     Flag("budget_minutes", Optional[float], None, "Instead of --epochs: fine-tune for this many wall-clock minutes, "
          "the learning-rate schedule fitted to the time (as many epochs as fit). E.g. --budget-minutes 60", TUNE),
+    Flag("eval_every_minutes", Optional[float], None, "While fine-tuning, also record top-1 on --eval-data every M "
+         "minutes of training (report.json finetune.curve; these evaluations are not counted in the minutes or "
+         "the budget). E.g. --eval-every-minutes 5", TUNE),
     Flag("lr", float, 0.01, "Peak learning rate (cosine schedule). E.g. --lr 0.01", TUNE),
     Flag("optimizer", str, "sgd", "sgd or adamw. E.g. --optimizer adamw", TUNE),
     Flag("weight_decay", float, 5e-4, "Weight decay (L2 for SGD, decoupled for AdamW). E.g. --weight-decay 1e-4",
@@ -153,7 +159,8 @@ def _method_parameters() -> list[inspect.Parameter]:
 
 def _run_parameters() -> list[inspect.Parameter]:
     model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        Path, typer.Argument(help="Checkpoint or state_dict (.pt/.pth/.th); e.g. resnet56.th")])
+        Path, typer.Argument(help="Checkpoint or state_dict (.pt/.pth/.th), or an ONNX graph (.onnx, converted with "
+                                  "onnx2torch); e.g. resnet56.th")])
     params = [model]
     for flag in RUN_FLAGS:
         option = typer.Option(*flag.decls, help=flag.help, rich_help_panel=flag.panel, hidden=flag.hidden)

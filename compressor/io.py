@@ -26,9 +26,11 @@ from torch import nn
 
 from .errors import InputError, ModelLoadError, OutputError
 from .models import create_model, get_arch, list_archs
+from .models.hub import hub_factory, is_hub_spec, parse_kwargs
 
 FORMAT = "compressor.compressed/1"
 PICKLED_ARCH = "<pickled nn.Module>"
+ONNX_PREFIX = "onnx:"  # the arch of a model converted from an ONNX file: "onnx:<path>"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights", "params")
 
 
@@ -41,6 +43,8 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # --arch-kwargs, saved with the compressed model
+    details: dict[str, Any] = field(default_factory=dict)  # extra facts for the report's model section
 
 
 # --------------------------------------------------------------------------------------------------------- loading
@@ -99,13 +103,20 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def resolve_arch(spec: str) -> tuple[Callable[..., nn.Module], tuple[int, ...] | None]:
-    """A model factory for a built-in name, ``path/to/file.py:fn`` or ``package.module:fn``.
+    """A model factory for a built-in name, ``torchvision:NAME``, ``timm:NAME`` (see :mod:`compressor.models.hub`),
+    ``path/to/file.py:fn`` or ``package.module:fn``.
 
     Importing a user's file runs it: that is the user's own code, named on the command line.
     """
     if ":" not in spec:
         arch = get_arch(spec)
         return (lambda **kw: create_model(spec, **kw)), tuple(arch.input_shape)
+    if is_hub_spec(spec):
+        return hub_factory(spec), None  # the input size comes from the data
+    if spec.startswith(ONNX_PREFIX):
+        from .onnx_input import onnx_factory  # local: onnx2torch is optional
+
+        return onnx_factory(spec[len(ONNX_PREFIX):])
     target, _, fn_name = spec.rpartition(":")
     if target.endswith(".py"):
         file = Path(target)
@@ -129,9 +140,23 @@ def resolve_arch(spec: str) -> tuple[Callable[..., nn.Module], tuple[int, ...] |
     return fn, None
 
 
-def _build(arch: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, ...] | None]:
+def _sizes_classifier(arch: str) -> bool:
+    """Whether the factory of ``arch`` takes ``num_classes`` (built-in and hub architectures)."""
+    return ":" not in arch or is_hub_spec(arch)
+
+
+def _build(arch: str, num_classes: int | None,
+           kwargs: Mapping[str, Any] | None = None) -> tuple[nn.Module, tuple[int, ...] | None]:
     factory, input_shape = resolve_arch(arch)
-    model = factory(num_classes=num_classes) if (num_classes and ":" not in arch) else factory()
+    kw = dict(kwargs or {})
+    if num_classes and _sizes_classifier(arch):
+        kw.setdefault("num_classes", num_classes)
+    try:
+        model = factory(**kw)
+    except TypeError as exc:
+        if kw and "keyword argument" in str(exc):
+            raise InputError(f"--arch {arch} does not take --arch-kwargs {','.join(kw)} ({_first_line(exc)})") from None
+        raise
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {arch} returned {type(model).__name__}, not a torch.nn.Module")
     return model, input_shape
@@ -173,7 +198,8 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, wh
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path: str | os.PathLike[str], *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], *, arch: str | None = None, trust_pickle: bool = False,
+               arch_kwargs: str | Mapping[str, Any] | None = None) -> LoadedModel:
     """Load a trained model from a checkpoint (+ architecture) or, with ``trust_pickle``, a pickled module.
 
     Parameters
@@ -182,12 +208,24 @@ def load_model(path: str | os.PathLike[str], *, arch: str | None = None, trust_p
         A state_dict, a checkpoint dict wrapping one (``state_dict``/``model``/... keys, ``module.`` prefixes from
         DataParallel are stripped), a model saved by compressor, or (only with ``trust_pickle``) a whole module.
     arch : str, optional
-        Built-in name (see :func:`compressor.models.list_archs`), ``file.py:fn`` or ``package.module:fn``.
-        Optional when the checkpoint records its ``arch``.
+        Built-in name (see :func:`compressor.models.list_archs`), ``torchvision:NAME``, ``timm:NAME``,
+        ``file.py:fn`` or ``package.module:fn``. Optional when the checkpoint records its ``arch``.
     trust_pickle : bool
         Allow unpickling arbitrary Python objects, which can run code. Off by default.
+    arch_kwargs : str or mapping, optional
+        Keyword arguments for the architecture's factory, e.g. ``"num_classes=10,drop_rate=0.1"``
+        (:func:`compressor.models.hub.parse_kwargs`).
+
+    A ``.onnx`` file is converted to PyTorch (:func:`compressor.onnx_input.load_onnx`, needs onnx2torch).
     """
     path = Path(path)
+    kwargs = parse_kwargs(arch_kwargs)
+    if path.suffix.lower() == ".onnx":
+        from .onnx_input import load_onnx  # local: onnx2torch is optional
+
+        if arch or kwargs:
+            raise InputError(f"{path} is an ONNX graph, which holds its architecture; drop --arch/--arch-kwargs")
+        return load_onnx(path)
     obj = _read_checkpoint(path, trust_pickle=trust_pickle)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         model = rebuild_compressed(obj)
@@ -207,12 +245,13 @@ def load_model(path: str | os.PathLike[str], *, arch: str | None = None, trust_p
             f"{path} holds only weights; pass --arch with a built-in architecture ({', '.join(list_archs())}) "
             "or a factory as path/to/file.py:fn"
         )
-    model, input_shape = _build(arch, None)
+    model, input_shape = _build(arch, None, kwargs)
     num_classes = _classifier_outputs(model, state)
-    if num_classes is not None and ":" not in arch:
-        model, input_shape = _build(arch, num_classes)
+    if num_classes is not None and _sizes_classifier(arch) and "num_classes" not in kwargs:
+        model, input_shape = _build(arch, num_classes, kwargs)
     load_state_strict(model, state, what=f"--arch {arch}")
-    return LoadedModel(model.eval(), arch, input_shape, str(path), meta)
+    details = {"arch_kwargs": kwargs} if kwargs else {}
+    return LoadedModel(model.eval(), arch, input_shape, str(path), meta, kwargs, details)
 
 
 def _keys(obj: Any) -> str:
@@ -225,7 +264,7 @@ def _keys(obj: Any) -> str:
 # ---------------------------------------------------------------------------------------------------- compressed
 def compressed_payload(
     model: nn.Module, *, arch: str, input_shape: tuple[int, ...], transforms: list[dict[str, Any]],
-    meta: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None, arch_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What :func:`save_compressed` writes: only tensors, strings, numbers, lists and dicts."""
     return {
@@ -233,6 +272,7 @@ def compressed_payload(
         "arch": arch,
         "input_shape": list(input_shape),
         "num_classes": meta.get("num_classes") if meta else None,
+        "arch_kwargs": dict(arch_kwargs or {}),
         "transforms": transforms,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
@@ -254,7 +294,7 @@ def rebuild_compressed(payload: Mapping[str, Any], *, base: nn.Module | None = N
 
         model = copy.deepcopy(base)
     else:
-        model, _ = _build(arch, payload.get("num_classes"))
+        model, _ = _build(arch, payload.get("num_classes"), payload.get("arch_kwargs"))
     example = torch.zeros((1, *payload["input_shape"]))
     model = replay(model, payload["transforms"], example)
     load_state_strict(model, payload["state_dict"], what=f"the compressed {arch}")

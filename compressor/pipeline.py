@@ -61,11 +61,12 @@ def sizes(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def load(model: Any, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
-    """Stage 1: a checkpoint path (see :func:`compressor.io.load_model`) or an ``nn.Module``, in eval mode."""
+def load(model: Any, *, arch: str | None = None, trust_pickle: bool = False, arch_kwargs: Any = None) -> LoadedModel:
+    """Stage 1: a checkpoint path (see :func:`compressor.io.load_model`), an ONNX file or an ``nn.Module``, in eval
+    mode."""
     if isinstance(model, nn.Module):
         return LoadedModel(model.eval(), arch or type(model).__name__, None, "<in-memory module>")
-    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+    return load_model(model, arch=arch, trust_pickle=trust_pickle, arch_kwargs=arch_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------- prepare
@@ -165,6 +166,10 @@ def prepare(loaded: LoadedModel, data: Any, eval_data: Any, *, normalize: str, c
         prepared.calib = prepared.subset_loader(cfg.calib_samples, seed=cfg.seed, batch_size=cfg.batch_size)
     if test is not None:
         prepared.eval = prepared.loader(cfg, train=False)
+    if "onnx_input" in loaded.details:  # an ONNX file as input: the conversion checked against it in onnxruntime
+        from .onnx_input import verify_input
+
+        loaded.details["onnx_input"] = verify_input(loaded, prepared.parity_inputs(), atol=cfg.atol)
     return prepared
 
 
@@ -350,7 +355,8 @@ def train(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: 
     budget = None if cfg.budget_minutes is None else 60.0 * cfg.budget_minutes
     config = TrainConfig(epochs=cfg.epochs if budget is None else MAX_BUDGET_EPOCHS,
                          lr=cfg.lr if dist is None else scaled_lr(cfg.lr, dist.world_size),
-                         optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, seed=cfg.seed, budget_seconds=budget)
+                         optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, seed=cfg.seed, budget_seconds=budget,
+                         eval_every_seconds=None if cfg.eval_every_minutes is None else 60.0 * cfg.eval_every_minutes)
     policy = ThreadPolicy(cfg.threads)
     ddp = [] if dist is None else [DistributedTraining(dist)]
     trainer = Trainer(config, device=device, callbacks=[*compressed.callbacks, *ddp, RefreshThreads(policy)],
