@@ -4,6 +4,7 @@
   BatchNorm statistics recalibrated on two shards and pooled equal one process's over the same batches;
 * ``torchrun --nproc-per-node 2 -m compressor ...`` runs end to end and only rank 0 writes;
 * a rank that dies makes the other fail with one clear error within the timeout, writing nothing;
+* Ctrl-C on the launcher (SIGINT to its process group) stops every rank, writing nothing;
 * what DDP cannot follow (tucker's adaptive ranks, a time budget) is refused in one line, exit 2.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -181,6 +183,40 @@ def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path: Path) -> None:
     assert section["lr_scaled"] == pytest.approx(2 * report["options"]["lr"])
     assert report["finetune"]["history"][0]["lr"] <= section["lr_scaled"]
     assert "Distributed fine-tuning" in (out / "report.md").read_text()
+
+
+def test_ctrl_c_on_the_launcher_stops_every_rank_and_leaves_no_output(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the launcher's whole process group: torchrun and both workers. Sent once
+    fine-tuning has started, every process stops within the deadline, each rank says so in one line, and nothing
+    is written: no output folder, no staging folder beside it."""
+    model, data = _inputs(tmp_path)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+           "-m", "compressor", str(model), "--data", str(data), "--eval-data", str(data), "--method", "l1",
+           "--target", "0.3", "--round-to", "1", "--epochs", "500", "--batch-size", "8", "--bench-batch", "none",
+           "--quantize", "none", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    seen: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # rank 0 prints a line per epoch: training has started on both ranks
+            seen.append(line)
+            if line.startswith("epoch 1/"):
+                break
+        assert seen and seen[-1].startswith("epoch 1/"), "".join(seen)[-2000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert rest.count("interrupted\nno output was written") == 2, rest[-2000:]  # each rank, in one line each
+    # torchrun's launcher itself prints a traceback ending in its SignalException on SIGINT (torch's behaviour, not
+    # ours); no other traceback may appear (a worker's would mean an unhandled exception).
+    assert rest.count("Traceback") == rest.count("SignalException: Process"), rest[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "net.pt"]  # nothing written, nothing staged
 
 
 class _DiesOnRank1(SampleNet):
