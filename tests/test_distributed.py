@@ -2,7 +2,8 @@
 
 * two ranks of batch b end with identical weights and match one process of batch 2b (a model without BatchNorm);
   BatchNorm statistics recalibrated on two shards and pooled equal one process's over the same batches;
-* ``torchrun --nproc-per-node 2 -m compressor ...`` runs end to end and only rank 0 writes;
+* ``torchrun --nproc-per-node 2 -m compressor ...`` runs end to end and only rank 0 writes; so do two torchrun
+  launchers joined as two nodes (``--nnodes 2 --node-rank R``);
 * a rank that dies makes the other fail with one clear error within the timeout, writing nothing;
 * Ctrl-C on the launcher (SIGINT to its process group) stops every rank, writing nothing;
 * what DDP cannot follow (tucker's adaptive ranks, a time budget) is refused in one line, exit 2.
@@ -183,6 +184,29 @@ def test_torchrun_runs_the_cli_and_only_rank_0_writes(tmp_path: Path) -> None:
     assert section["lr_scaled"] == pytest.approx(2 * report["options"]["lr"])
     assert report["finetune"]["history"][0]["lr"] <= section["lr_scaled"]
     assert "Distributed fine-tuning" in (out / "report.md").read_text()
+
+
+def test_two_nodes_joined_by_torchrun_rendezvous_flags_run_as_one_job(tmp_path: Path) -> None:
+    """Multi-node as torchrun does it (``--nnodes 2 --node-rank R --master-addr --master-port``), both "nodes" on
+    this machine: one job of world size 2, only global rank 0 (on node 0) writes, both launchers exit 0."""
+    model, data = _inputs(tmp_path)
+    out, port = tmp_path / "out", str(_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+         "-m", "compressor", str(model), "--data", str(data), "--eval-data", str(data), "--method", "l1",
+         "--target", "0.3", "--round-to", "1", "--epochs", "1", "--batch-size", "8", "--bench-batch", "none",
+         "--quantize", "none", "--device", "cpu", "--threads", "1", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outputs]
+    assert outputs[0][1].count("wrote ") == 1 and "wrote " not in outputs[1][1] and not outputs[1][0].strip()
+    assert json.loads((out / "report.json").read_text())["distributed"]["world_size"] == 2
 
 
 def test_ctrl_c_on_the_launcher_stops_every_rank_and_leaves_no_output(tmp_path: Path) -> None:
