@@ -58,7 +58,8 @@ def summarise(report: dict[str, Any], batches: list[int]) -> dict[str, Any]:
     and the INT8 columns (:func:`int8_columns`) when the run quantised.
 
     Top-1: ``top1_orig`` (original), ``top1_pruned_stale_bn`` (compressed, BatchNorm statistics as inherited),
-    ``top1_pruned`` (after BatchNorm recalibration, before fine-tuning), ``top1_finetuned``.
+    ``top1_pruned`` (after BatchNorm recalibration, before fine-tuning), ``top1_finetuned``; with a curve
+    (``--eval-every-minutes``), ``curve`` (top-1 along the fine-tuning), ``finetune_epochs`` and ``finetune_s``.
 
     ``mac_reduction`` is original MACs / compressed MACs; ``efficiency_b<B>`` is the measured onnxruntime speedup at
     batch B divided by it (1.0: every removed MAC became saved time).
@@ -83,6 +84,10 @@ def summarise(report: dict[str, Any], batches: list[int]) -> dict[str, Any]:
     row["ort_device"] = report.get("benchmark", {}).get("device")
     row["ort_providers"] = report.get("benchmark", {}).get("providers")
     row.update({f"time_{stage}": seconds for stage, seconds in report["timings"].items()})
+    finetune = report.get("finetune") or {}
+    if finetune.get("curve"):  # top-1 along the way (--eval-every-minutes): [{minutes, epoch, step, top1}, ...]
+        row.update(finetune_epochs=finetune.get("epochs"), finetune_s=finetune.get("seconds"),
+                   curve=finetune["curve"])
     return row
 
 
@@ -137,6 +142,9 @@ def compress_options(job: dict[str, Any]) -> dict[str, Any]:
                    device=budget["device"], calib_samples=budget["calib_samples"],
                    bench_batches=tuple(budget["bench_batches"]), bench_repeats=budget["bench_repeats"],
                    threads=budget["threads"], quantize=budget.get("quantize", "none"))
+    for key in ("budget_minutes", "eval_every_minutes", "distill"):  # budgets that have them (cpu-hour)
+        if budget.get(key):
+            options[key] = budget[key]
     if job.get("round_to") is not None:
         options["round_to"] = job["round_to"]
     for key, value in (job.get("overrides") or {}).items():

@@ -191,6 +191,13 @@ def budget_line(meta: dict[str, Any]) -> str:
         f"{b['train_images']:,} training images (class-balanced subset, seed {b['seed']})")
     threads = f"{b['threads']} thread(s)" if b["threads"] else "onnxruntime's default threads (one per physical core)"
     epochs = f"{b['epochs']} epoch" + ("" if b["epochs"] == 1 else "s")
+    if b.get("budget_minutes"):  # --budget-minutes: as many epochs as fit (cpu-hour)
+        every = b.get("eval_every_minutes")
+        epochs = (f"for {b['budget_minutes']:g} minutes of wall clock (--budget-minutes, schedule fitted to the time"
+                  + (f"; top-1 recorded every {every:g} min of training, those evaluations not counted" if every
+                     else "") + ")")
+    if b.get("distill"):
+        epochs += " with distillation from the original (--distill)"
     evaluated = "all evaluation images" if b.get("eval_images") is None else (
         f"{b['eval_images']:,} evaluation images (class-balanced subset)")
     sizes = ", ".join(map(str, b["bench_batches"]))

@@ -31,6 +31,14 @@ Suites:
   images, after BatchNorm recalibration), so its top-1 is that of a model one would ship rather than the 20-30% of
   an unrecovered one (issue 12's table used ``--epochs 0``; fine-tuning changes the weights, not the graph that is
   timed). The random-weight models get no fine-tuning (``epochs`` 0, see :data:`LATENCY_ONLY`).
+* ``cpu-hour-screen`` and ``cpu-hour`` (issue 13, item 6): fine-tuning by the clock (``--budget-minutes``) on all
+  50,000 training images with distillation from the original, top-1 recorded along the way
+  (``--eval-every-minutes``: each row's ``curve``), fp32 and INT8 top-1 on test1000, every stage on one thread (run
+  pinned to one core). The screen: ResNet-20 at half the MACs, every method of :data:`CPU_HOUR_METHODS` (ours,
+  ``l1``, ``random`` and torch-pruning's criteria), ``--round-to 8``, 5 minutes each (top-1 every minute). The hour:
+  ResNet-56 at half the MACs, the best two of :data:`OURS` and the best two of :data:`TP_PEERS` by fine-tuned fp32
+  top-1 in the stored screen results (:func:`select_grid`; refused until the screen has finished), 60 minutes each
+  (top-1 every 5 minutes). Both resume across sittings (``--resume``); ``--list`` shows the rows.
 
 INT8 (``Budget.quantize``): ``smoke``, ``sample`` and ``deploy`` quantise (``int8``), so their rows carry the INT8
 columns. ``cpu``, ``cpu-long`` and ``gpu`` keep their meaning from before the INT8 stage existed: ``none``, the fp32
@@ -113,6 +121,9 @@ class Budget:
     bench_repeats: int = 50
     threads: int | None = None
     quantize: str = "none"  # --quantize of every configuration: "none" (fp32 only), "int8" or "auto"
+    budget_minutes: float | None = None  # --budget-minutes instead of epochs (then ``epochs`` is 0)
+    eval_every_minutes: float | None = None  # --eval-every-minutes: top-1 along the way (the row's ``curve``)
+    distill: bool = False  # --distill: fine-tune with distillation from the original
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "bench_batches": list(self.bench_batches)}
@@ -146,6 +157,8 @@ class Suite:
     grid: tuple[Config, ...]
     timeout_s: int = 1800  # a configuration running longer is killed and recorded as failed
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: The suite whose stored results choose this one's grid (:func:`select_grid`); ``grid`` is then empty.
+    selected_by: str | None = None
 
     @property
     def models(self) -> list[str]:
@@ -203,6 +216,51 @@ def deploy_grid() -> tuple[Config, ...]:
     return (*fixed, *rows("resnet56", "tucker", (None,)), *auto, *depth)
 
 
+#: issue 13's ``cpu-hour`` suites: our methods, the baselines and torch-pruning's criteria at half the MACs.
+OURS = ("cmi", "mipp", "blocks+l1", "blocks")
+TP_PEERS = ("tp-magnitude", "tp-taylor", "tp-hessian", "tp-lamp", "tp-bn", "tp-fpgm")
+CPU_HOUR_METHODS = (*OURS, "l1", "random", *TP_PEERS)
+HALF_MACS: tuple[float, str] = (0.5, "macs")
+CPU_HOUR_ROUND_TO = 8  # every method aligned alike; --round-to auto would time 6 widths per row (x6 cmi/mipp scoring)
+
+
+def cpu_hour_budget(minutes: float, every: float) -> Budget:
+    """The ``cpu-hour`` budgets: ``minutes`` of fine-tuning on all 50,000 training images (distilled from the
+    original), top-1 every ``every`` minutes, fp32 and INT8 on test1000, one thread for every stage."""
+    return Budget(epochs=0, train_images=None, budget_minutes=minutes, eval_every_minutes=every, distill=True,
+                  threads=1, quantize="int8", bench_repeats=50)
+
+
+class SelectionError(Exception):
+    """The stored screening results cannot choose the hour's rows (absent, unfinished, too few successes)."""
+
+
+def select_grid(screen: dict[str, Any] | None, *, model: str = "resnet56", per_group: int = 2,
+                screen_name: str = "cpu-hour-screen") -> tuple[tuple[Config, ...], str]:
+    """The hour's grid from the screen's stored results: the best ``per_group`` of :data:`OURS` and of
+    :data:`TP_PEERS` by fine-tuned fp32 top-1 (ties: the earlier row), on ``model`` at half the MACs; and a note
+    naming them with their screening top-1. :class:`SelectionError` (one line, what to run) when the screen is
+    absent, unfinished, or has fewer than ``per_group`` successful rows in a group."""
+    how = f"run python -m benchmarks.run --suite {screen_name} --resume first"
+    if screen is None:
+        raise SelectionError(f"the {screen_name} results are not stored; {how}")
+    if not screen.get("meta", {}).get("complete"):
+        raise SelectionError(f"the {screen_name} suite has not finished; {how}")
+    ok = [r for r in screen.get("rows", []) if r.get("status") == "ok" and r.get("top1_finetuned") is not None]
+    chosen: list[str] = []
+    for group, label in ((OURS, "ours"), (TP_PEERS, "tp-*")):
+        rows = sorted((r for r in ok if r["method"] in group), key=lambda r: -r["top1_finetuned"])[:per_group]
+        if len(rows) < per_group:
+            raise SelectionError(f"the {screen_name} results have {len(rows)} successful row(s) of {label} "
+                                 f"({', '.join(group)}); the hour needs {per_group}: {how}")
+        chosen += [r["method"] for r in rows]
+    top1 = {r["method"]: r["top1_finetuned"] for r in ok}
+    note = (f"methods chosen from the stored {screen_name} results (fp32 top-1 after fine-tuning): best two of ours "
+            + ", ".join(f"{m} {100 * top1[m]:.1f}%" for m in chosen[:per_group]) + "; best two tp-* "
+            + ", ".join(f"{m} {100 * top1[m]:.1f}%" for m in chosen[per_group:]))
+    return tuple(Config(model, m, *HALF_MACS, CPU_HOUR_ROUND_TO) for m in chosen), note
+
+
 SUITES = {
     "smoke": Suite(
         "smoke", "ResNet-20, three methods, 1 epoch on 1,000 images, top-1 on 500: checks the harness end to end",
@@ -236,8 +294,24 @@ SUITES = {
         notes=("torchvision models: model code only, seeded random weights, 1000 classes, 224x224 noise images to "
                "calibrate INT8; their top-1 is meaningless and not shown: latency only",
                "tucker runs once: its ranks are not aligned by --round-to")),
+    "cpu-hour-screen": Suite(
+        "cpu-hour-screen", ("Issue 13's screening: ResNet-20 at half the MACs, every method (ours, l1, random, "
+                            "torch-pruning's criteria), 5 minutes of fine-tuning each on one core (top-1 every "
+                            "minute), fp32 and INT8"),
+        cpu_hour_budget(5.0, 1.0), timeout_s=1800,
+        grid=tuple(Config("resnet20", m, *HALF_MACS, CPU_HOUR_ROUND_TO) for m in CPU_HOUR_METHODS),
+        notes=("run pinned to one core (taskset -c 0) with --threads 1 for every stage; fine-tuning minutes are wall "
+               "clock on that core (the curve's own evaluations excluded)",)),
+    "cpu-hour": Suite(
+        "cpu-hour", ("Issue 13's hour: ResNet-56 at half the MACs, the best two of ours and the best two "
+                     "torch-pruning criteria of cpu-hour-screen, 60 minutes of fine-tuning each on one core (top-1 "
+                     "every 5 minutes), fp32 and INT8"),
+        cpu_hour_budget(60.0, 5.0), timeout_s=3 * 3600, grid=(), selected_by="cpu-hour-screen",
+        notes=("run pinned to one core (taskset -c 0) with --threads 1 for every stage; fine-tuning minutes are wall "
+               "clock on that core (the curve's own evaluations excluded)",)),
 }
-SUITE_ORDER = ("cpu", "cpu-long", "deploy", "gpu", "smoke", "sample")  # order of the sections of docs/RESULTS.md
+#: order of the sections of docs/RESULTS.md
+SUITE_ORDER = ("cpu", "cpu-long", "deploy", "cpu-hour-screen", "cpu-hour", "gpu", "smoke", "sample")
 README_SUITES = ("cpu", "gpu")  # the README shows the first of these stored: smoke numbers are no advertisement
 
 

@@ -6,6 +6,8 @@ Usage::
     python -m benchmarks.run --suite cpu               # ResNet-20 and ResNet-56, every method and target
     python -m benchmarks.run --suite gpu               # the same grid with 30 epochs on CUDA
     python -m benchmarks.run --suite deploy --resume   # fp32 and INT8, ResNet-56 and torchvision models at 224
+    taskset -c 0 python -m benchmarks.run --suite cpu-hour-screen --resume   # issue 13: 12 methods x 5 min, ~2 h
+    taskset -c 0 python -m benchmarks.run --suite cpu-hour --resume   # then the 4 chosen from the screen x 60 min
     python -m benchmarks.run --render-only             # rebuild CSV, plots, docs/RESULTS.md, README from the JSON
     python -m benchmarks.run --suite cpu --models resnet56 --methods l1 --targets 0.5:macs --results-dir /tmp/b
 
@@ -38,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -45,14 +48,26 @@ from typing import Any
 
 from . import _render
 from ._child import atomic_write_text
-from ._suites import MODELS, REPO, SHARED, SUITES, Config, Suite, data_root, filter_grid, resolve_method
+from ._suites import (
+    MODELS,
+    REPO,
+    SHARED,
+    SUITES,
+    Config,
+    SelectionError,
+    Suite,
+    data_root,
+    filter_grid,
+    resolve_method,
+    select_grid,
+)
 
 RESULTS = REPO / "benchmarks" / "results"
 DOCS = REPO / "docs" / "RESULTS.md"
 README = REPO / "README.md"
 #: Budget fields added since results were first stored, with the value older runs had implicitly (``quantize``:
 #: the INT8 stage did not exist), so that ``--resume`` still matches their budget.
-LEGACY_BUDGET = {"quantize": "none"}
+LEGACY_BUDGET = {"quantize": "none", "budget_minutes": None, "eval_every_minutes": None, "distill": False}
 BENCH_EXTRA = 'matplotlib is needed for the plots: pip install -e ".[bench]" (or pass --no-plots)'
 
 
@@ -247,6 +262,18 @@ def run_config(job: dict[str, Any], timeout_s: int) -> dict[str, Any]:
                 f"(out of memory?); its stderr is above", "wall_s": round(time.perf_counter() - start, 2)}
 
 
+def selected_suite(suite: Suite, results_dir: Path) -> Suite:
+    """``suite`` with its grid chosen from the stored results of ``suite.selected_by`` (the ``cpu-hour`` rows from
+    ``cpu-hour-screen``) and the choice in its notes; other suites unchanged. :class:`SelectionError` when the
+    stored results cannot choose."""
+    if suite.selected_by is None:
+        return suite
+    path = results_dir / suite.selected_by / "results.json"
+    stored = json.loads(path.read_text()) if path.exists() else None
+    grid, note = select_grid(stored, screen_name=suite.selected_by)
+    return replace(suite, grid=grid, notes=(*suite.notes, note))
+
+
 def _machine() -> dict[str, Any]:
     from compressor.report import machine
 
@@ -424,10 +451,16 @@ def main(argv: list[str] | None = None) -> int:
         for path in written:
             print(f"wrote {display_path(path)}", file=sys.stderr)
         return 0 if written else 1
-    suite = SUITES[args.suite]
+    try:
+        suite = selected_suite(SUITES[args.suite], args.results_dir)
+    except SelectionError as exc:
+        print(f"--suite {args.suite}: {exc}", file=sys.stderr)
+        return 2
     configs = filter_grid(suite, models=_split(args.models), methods=_split(args.methods),
                           targets=_parse_targets(args.targets))
     if args.list:
+        if suite.selected_by:
+            print(suite.notes[-1])
         for c in configs:
             align = "" if c.round_to is None else f" round-to {c.round_to}"
             print(f"{c.model} {c.method} {c.target:g} {c.metric or 'default'}{align}")

@@ -97,6 +97,9 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("epochs", int, 0, "Fine-tuning epochs (0 = none). E.g. --epochs 2", TUNE),
     Flag("budget_minutes", Optional[float], None, "Instead of --epochs: fine-tune for this many wall-clock minutes, "
          "the learning-rate schedule fitted to the time (as many epochs as fit). E.g. --budget-minutes 60", TUNE),
+    Flag("eval_every_minutes", Optional[float], None, "While fine-tuning, also record top-1 on --eval-data every M "
+         "minutes of training (report.json finetune.curve; these evaluations are not counted in the minutes or "
+         "the budget). E.g. --eval-every-minutes 5", TUNE),
     Flag("lr", float, 0.01, "Peak learning rate (cosine schedule). E.g. --lr 0.01", TUNE),
     Flag("optimizer", str, "sgd", "sgd or adamw. E.g. --optimizer adamw", TUNE),
     Flag("weight_decay", float, 5e-4, "Weight decay (L2 for SGD, decoupled for AdamW). E.g. --weight-decay 1e-4",

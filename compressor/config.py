@@ -75,6 +75,10 @@ class CompressConfig:
     budget_minutes : float or None
         Instead of ``epochs``: fine-tune for this many wall-clock minutes (evaluation included), the cosine schedule
         fitted to the time, as many epochs as fit (the last one may be partial).
+    eval_every_minutes : float or None
+        While fine-tuning, also record top-1 on ``eval_data`` each time this many more minutes of training have
+        passed (the report's ``finetune.curve``: minutes, epoch, step, top1; the last point is the end of training).
+        The time of these evaluations counts neither in the minutes nor against ``budget_minutes``.
     reconstruct : bool
         After pruning, refit each layer whose input channels were removed by least squares on the calibration
         images, so that it reproduces the original layer's output (:mod:`compressor.reconstruct`); needs ``data``.
@@ -115,6 +119,7 @@ class CompressConfig:
     target_latency: float | None = None
     reconstruct: bool = True
     budget_minutes: float | None = None
+    eval_every_minutes: float | None = None
     dist_timeout: float = 1800.0
 
     def validate(self) -> CompressConfig:
@@ -150,6 +155,12 @@ class CompressConfig:
             (self.budget_minutes is None or (isinstance(self.budget_minutes, (int, float))
                                              and math.isfinite(self.budget_minutes) and self.budget_minutes > 0),
              f"--budget-minutes must be a positive number of minutes, e.g. 60; got {self.budget_minutes}"),
+            (self.eval_every_minutes is None or (isinstance(self.eval_every_minutes, (int, float))
+                                                 and math.isfinite(self.eval_every_minutes)
+                                                 and self.eval_every_minutes > 0),
+             f"--eval-every-minutes must be a positive number of minutes, e.g. 5; got {self.eval_every_minutes}"),
+            (self.eval_every_minutes is None or self.trains,
+             "--eval-every-minutes records top-1 while fine-tuning: add --budget-minutes M or --epochs N"),
             (isinstance(self.dist_timeout, (int, float)) and math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
              f"--dist-timeout must be a positive number of seconds, e.g. 1800; got {self.dist_timeout}"),
             (self.budget_minutes is None or self.epochs == 0,

@@ -355,7 +355,8 @@ def train(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: 
     budget = None if cfg.budget_minutes is None else 60.0 * cfg.budget_minutes
     config = TrainConfig(epochs=cfg.epochs if budget is None else MAX_BUDGET_EPOCHS,
                          lr=cfg.lr if dist is None else scaled_lr(cfg.lr, dist.world_size),
-                         optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, seed=cfg.seed, budget_seconds=budget)
+                         optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, seed=cfg.seed, budget_seconds=budget,
+                         eval_every_seconds=None if cfg.eval_every_minutes is None else 60.0 * cfg.eval_every_minutes)
     policy = ThreadPolicy(cfg.threads)
     ddp = [] if dist is None else [DistributedTraining(dist)]
     trainer = Trainer(config, device=device, callbacks=[*compressed.callbacks, *ddp, RefreshThreads(policy)],

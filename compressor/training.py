@@ -164,6 +164,10 @@ class TrainConfig:
     augmentation come from the loader's own generator). ``budget_seconds``: train until this much wall-clock time
     has passed (evaluation included), with the cosine schedule over elapsed time instead of steps; ``epochs`` is then
     a cap. The loop stops after the step that crosses the budget (and that epoch's evaluation).
+    ``eval_every_seconds``: also evaluate top-1 on the evaluation data each time this much more training time has
+    passed (checked after every step), recording the accuracy curve (:attr:`TrainResult.curve`). The time of these
+    evaluations is excluded from the time budget and from the curve's minutes (the per-epoch evaluations stay
+    included, as above), so a curve point at 5 minutes means 5 minutes of fine-tuning.
     """
 
     epochs: int
@@ -176,6 +180,7 @@ class TrainConfig:
     distill_alpha: float = 0.5
     seed: int = 0
     budget_seconds: float | None = None
+    eval_every_seconds: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -188,6 +193,8 @@ class TrainConfig:
             (_finite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1); got {self.momentum!r}"),
             (self.budget_seconds is None or (_finite(self.budget_seconds) and self.budget_seconds > 0),
              f"the time budget must be a positive number of seconds; got {self.budget_seconds!r}"),
+            (self.eval_every_seconds is None or (_finite(self.eval_every_seconds) and self.eval_every_seconds > 0),
+             f"the evaluation interval must be a positive number of seconds; got {self.eval_every_seconds!r}"),
             (_finite(self.distill_temperature) and self.distill_temperature > 0
              and _finite(self.distill_alpha) and 0 <= self.distill_alpha <= 1,
              f"distillation needs temperature > 0 and alpha in [0, 1]; got {self.distill_temperature!r}, "
@@ -231,11 +238,18 @@ class TrainState:
     is_main: bool = True
     clock: Callable[[], float] = time.perf_counter
     started: float = 0.0
+    paused: float = 0.0  # seconds spent on the curve's evaluations: not training time
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    next_eval: float = 0.0  # training seconds at which the next curve point is due
+
+    def trained_seconds(self) -> float:
+        """Wall-clock seconds since the start, less the curve's evaluations (the per-epoch ones count)."""
+        return self.clock() - self.started - self.paused
 
     def budget_fraction(self) -> float | None:
         """With a time budget, the fraction of it spent (may pass 1); else None."""
         budget = self.config.budget_seconds
-        return None if budget is None else (self.clock() - self.started) / budget
+        return None if budget is None else self.trained_seconds() / budget
 
     def out_of_time(self) -> bool:
         fraction = self.budget_fraction()
@@ -291,6 +305,11 @@ class TrainResult:
         Whether float16 autocast with a GradScaler was used.
     model : nn.Module
         The trained model: the one given to :meth:`Trainer.fit` (trained in place) unless a callback replaced it.
+    curve : list of dict
+        With ``eval_every_seconds`` and an ``eval_loader``: top-1 along the way, one record per evaluation:
+        ``minutes`` (of training, the curve's evaluations excluded), ``epoch`` (1-based, the one in progress),
+        ``step`` (steps done), ``top1`` (in [0, 1]); the last record (``final: True``) is the end of training, its
+        top-1 that of the last epoch's evaluation. Empty otherwise.
     """
 
     epochs: int
@@ -299,6 +318,7 @@ class TrainResult:
     device: str
     amp: bool
     model: nn.Module
+    curve: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -383,13 +403,18 @@ class Trainer:
         if cfg.epochs == 0:
             return TrainResult(epochs=0, history=[], seconds=0.0, device=str(device), amp=use_amp, model=model)
         steps = _steps_per_epoch(loader)
-        hooks = _Hooks((*self.callbacks, *callbacks))
+        if cfg.eval_every_seconds is not None and self.reduce is not None:
+            raise InputError("evaluating at fixed times (--eval-every-minutes) is not supported under torchrun: the "
+                             "processes' clocks would disagree on when to evaluate together")
+        curve = _Curve(cfg.eval_every_seconds, eval_loader)
+        hooks = _Hooks((*self.callbacks, *callbacks, curve))
         torch.manual_seed(cfg.seed)
         state = TrainState(model=model.to(device), config=cfg, device=device, amp=use_amp, steps_per_epoch=steps,
                            total_steps=cfg.epochs * steps, teacher=teacher, is_main=self.is_main, clock=self.clock,
-                           started=self.clock())
+                           started=self.clock(), next_eval=cfg.eval_every_seconds or 0.0)
         shown = cfg.epochs if cfg.budget_seconds is None else f"? ({cfg.budget_seconds / 60:g} min budget)"
         bar = _Progress(self.progress and self.is_main, self.log, shown, steps)
+        curve.bar = bar
         start = time.perf_counter()
         with modes_kept(model, teacher):
             if teacher is not None:
@@ -408,14 +433,54 @@ class Trainer:
                 totals = _run_epoch(state, loader, hooks, bar)
                 if self.reduce is not None:  # a distributed run: the statistics of every process
                     totals = self.reduce(totals)
+                trained = state.trained_seconds()
                 state.history.append(_epoch_record(state, totals, eval_loader, t0, self.reduce))
                 hooks("on_epoch_end", state)
                 bar.epoch(state.history[-1])
-                if state.out_of_time():
+                last = state.out_of_time() or epoch == cfg.epochs
+                if last:
+                    curve.final(state, trained)
                     break
         hooks("on_train_end", state)
         return TrainResult(epochs=len(state.history), history=state.history, seconds=time.perf_counter() - start,
-                           device=str(device), amp=use_amp, model=state.model)
+                           device=str(device), amp=use_amp, model=state.model, curve=state.curve)
+
+
+class _Curve(Callback):
+    """Top-1 on ``eval_loader`` each time another ``every`` seconds of training have passed (checked after each
+    step); the evaluation's own time is added to ``state.paused``, so it spends neither the time budget nor the
+    curve's minutes. No point once the budget is spent: the last epoch's evaluation gives the final one."""
+
+    def __init__(self, every: float | None, eval_loader: Batches | None) -> None:
+        self.every, self.eval_loader = every, eval_loader
+        self.bar: _Progress | None = None
+
+    def on_step_end(self, state: TrainState) -> None:
+        if self.every is None or self.eval_loader is None:
+            return
+        trained = state.trained_seconds()
+        if trained < state.next_eval or state.out_of_time():
+            return
+        t0 = state.clock()
+        model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+        top1 = evaluate(model, self.eval_loader, device=state.device)
+        state.paused += state.clock() - t0
+        self._add(state, {"minutes": round(trained / 60, 4), "epoch": state.epoch, "step": state.step + 1,
+                          "top1": top1})
+        while state.next_eval <= trained:
+            state.next_eval += self.every
+
+    def final(self, state: TrainState, trained: float) -> None:
+        top1 = state.history[-1]["eval_acc"] if state.history else None
+        if self.every is not None and top1 is not None:
+            self._add(state, {"minutes": round(trained / 60, 4), "epoch": state.epoch, "step": state.step,
+                              "top1": top1, "final": True})
+
+    def _add(self, state: TrainState, point: dict[str, Any]) -> None:
+        state.curve.append(point)
+        if self.bar is not None and self.bar.enabled:
+            self.bar.write(f"{chr(13) if self.bar.live else ''}after {point['minutes']:.2f} min of training (epoch "
+                           f"{point['epoch']}, step {point['step']}): top-1 {point['top1']:.2%}")
 
 
 class _Hooks:

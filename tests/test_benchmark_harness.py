@@ -263,7 +263,7 @@ def test_stored_budgets_from_before_int8_still_resume(tmp_path: Path) -> None:
     """Rows stored before ``Budget.quantize`` existed ran without INT8: they match ``quantize="none"`` only."""
     path = tmp_path / "results.json"
     budget = Budget(epochs=1, train_images=100).to_dict()
-    old = {k: v for k, v in budget.items() if k != "quantize"}
+    old = {k: v for k, v in budget.items() if k not in bench_run.LEGACY_BUDGET}  # nor the cpu-hour fields
     path.write_text(json.dumps({"meta": {"budget": old, "started": "t0"}, "rows": [{"key": "a", "status": "ok"}]}))
     assert set(bench_run._previous_rows(path, budget)[0]) == {"a"}
     assert bench_run._previous_rows(path, {**budget, "quantize": "int8"}) == ({}, [])
@@ -351,3 +351,115 @@ def test_targets_section_names_the_best_row_and_the_margin() -> None:
     assert "| `r18-a` | 2.20× | 1.80× | missed | 90% of the target | 0 of 1 |" in text
     assert "| `r56-b` | n/a | 3.30× | 1.10× ✗ | 0.8 points ✗ | no |" in text  # the targets together
     assert "no row yet" in "\n".join(_int8_render.targets_section([]))
+
+
+# ------------------------------------------------------------------------------------ the cpu-hour suites (issue 13)
+def _screen(rows: list[tuple[str, str, float | None]], complete: bool = True) -> dict[str, Any]:
+    return {"meta": {"complete": complete}, "rows": [
+        {"key": f"resnet20-{m}-macs-0.5-r8", "method": m, "status": status, "top1_finetuned": top1}
+        for m, status, top1 in rows]}
+
+
+def test_cpu_hour_screen_runs_every_method_at_half_the_macs_for_five_minutes_on_one_thread() -> None:
+    from benchmarks._suites import CPU_HOUR_METHODS, OURS, SUITES, TP_PEERS
+
+    screen, hour = SUITES["cpu-hour-screen"], SUITES["cpu-hour"]
+    assert {"cmi", "mipp", "blocks", "blocks+l1", "l1", "random"} <= set(CPU_HOUR_METHODS)
+    assert set(TP_PEERS) <= set(CPU_HOUR_METHODS) and len(TP_PEERS) == 6 and not set(OURS) & set(TP_PEERS)
+    assert [c.method for c in screen.grid] == list(CPU_HOUR_METHODS)
+    assert {(c.model, c.target, c.metric, c.round_to) for c in screen.grid} == {("resnet20", 0.5, "macs", 8)}
+    for suite, minutes, every in ((screen, 5.0, 1.0), (hour, 60.0, 5.0)):
+        b = suite.budget
+        assert (b.budget_minutes, b.eval_every_minutes, b.epochs, b.train_images) == (minutes, every, 0, None)
+        assert b.threads == 1 and b.quantize == "int8" and b.eval_images is None and b.seed == 0
+    assert hour.selected_by == "cpu-hour-screen" and hour.grid == ()
+    assert hour.timeout_s > 3600 and screen.timeout_s > 5 * 60
+
+
+def test_the_hour_takes_the_best_two_of_ours_and_of_the_tp_criteria_from_the_screen() -> None:
+    from benchmarks._suites import SelectionError, select_grid
+
+    screen = _screen([("cmi", "ok", 0.80), ("mipp", "ok", 0.84), ("blocks", "failed", None), ("blocks+l1", "ok", 0.83),
+                      ("l1", "ok", 0.99), ("random", "ok", 0.98),  # baselines are never chosen
+                      ("tp-magnitude", "ok", 0.85), ("tp-taylor", "ok", 0.86), ("tp-lamp", "ok", 0.85),
+                      ("tp-bn", "failed", None)])
+    grid, note = select_grid(screen)
+    assert [(c.model, c.method, c.target, c.metric, c.round_to) for c in grid] == [
+        ("resnet56", m, 0.5, "macs", 8) for m in ("mipp", "blocks+l1", "tp-taylor", "tp-magnitude")]  # ties: first
+    assert "best two of ours mipp 84.0%, blocks+l1 83.0%; best two tp-* tp-taylor 86.0%, tp-magnitude 85.0%" in note
+    with pytest.raises(SelectionError, match="results are not stored; run python -m benchmarks.run --suite "
+                                             "cpu-hour-screen --resume first"):
+        select_grid(None)
+    with pytest.raises(SelectionError, match="has not finished"):
+        select_grid({**screen, "meta": {"complete": False}})
+    with pytest.raises(SelectionError, match="1 successful row"):
+        select_grid(_screen([("cmi", "ok", 0.8), ("mipp", "failed", None), ("tp-bn", "ok", 0.8),
+                             ("tp-fpgm", "ok", 0.7)]))
+
+
+def test_the_hour_lists_its_rows_from_the_stored_screen_and_refuses_without_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--suite", "cpu-hour", "--results-dir", str(tmp_path / "results"), "--docs", str(tmp_path / "R.md"),
+            "--no-readme", "--no-plots"]
+    assert bench_run.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("--suite cpu-hour: the cpu-hour-screen results are not stored; run python -m "
+                           "benchmarks.run --suite cpu-hour-screen --resume first")
+    assert not (tmp_path / "results").exists() and not (tmp_path / "R.md").exists()
+    stored = tmp_path / "results" / "cpu-hour-screen" / "results.json"
+    stored.parent.mkdir(parents=True)
+    stored.write_text(json.dumps(_screen([("cmi", "ok", 0.8), ("mipp", "ok", 0.7), ("tp-bn", "ok", 0.6),
+                                          ("tp-fpgm", "ok", 0.9)])))
+    assert bench_run.main([*args, "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "best two of ours cmi 80.0%, mipp 70.0%" in lines[0]
+    assert lines[1:] == [f"resnet56 {m} 0.5 macs round-to 8" for m in ("cmi", "mipp", "tp-fpgm", "tp-bn")]
+
+
+def test_a_cpu_hour_job_fine_tunes_for_its_minutes_with_the_curve_and_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The screen's budget reaches compress as --budget-minutes 5 --eval-every-minutes 1 --distill (no --epochs),
+    and CompressConfig accepts the whole set of options."""
+    from benchmarks import _child
+    from benchmarks._suites import SUITES
+    from compressor.api import _config
+
+    suite = SUITES["cpu-hour-screen"]
+    job = bench_run.make_job(suite.grid[0], "macs", {"checkpoint": "m.th", "train": "t.npz", "eval": "e.npz"}, suite,
+                             None)
+    assert job["key"] == "resnet20-cmi-macs-0.5-r8"
+    seen: dict[str, Any] = {}
+
+    class _Stop(Exception):
+        pass
+
+    def fake_compress(model: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr("compressor.compress", fake_compress)
+    monkeypatch.setattr(_child, "load_subset", lambda path, n, seed: [] if n is None else pytest.fail("a subset"))
+    with pytest.raises(_Stop):
+        _child.run_job(job)
+    assert (seen["budget_minutes"], seen["eval_every_minutes"], seen["distill"], seen["epochs"]) == (5.0, 1.0, True, 0)
+    assert seen["round_to"] == 8 and seen["threads"] == 1 and seen["quantize"] == "int8"
+    assert seen["target"] == 0.5 and seen["target_metric"] == "macs" and seen["method"] == "cmi"
+    cfg = _config(None, {k: v for k, v in seen.items() if k not in ("arch", "normalize", "data", "eval_data")})
+    assert cfg.trains and cfg.budget_minutes == 5.0 and cfg.eval_every_minutes == 1.0
+    other = _child.compress_options(bench_run.make_job(Config("resnet20", "l1", 0.5), "filters", {}, SUITES["cpu"],
+                                                       None))
+    assert other["epochs"] == 1 and not {"budget_minutes", "eval_every_minutes", "distill"} & set(other)
+
+
+def test_a_row_carries_the_curve_of_its_report() -> None:
+    from benchmarks._child import summarise
+
+    side = {"params": 10, "macs": 100, "filters": 8, "onnx_bytes": 1000, "accuracy": 0.9}
+    report = {"original": side, "compressed": {**side, "macs": 50, "accuracy": 0.8},
+              "method": {"target_metric": "macs", "achieved": 0.5}, "latency": {}, "parity": {"max_abs_diff": 0.0},
+              "timings": {"finetune": 300.0}, "finetune": {"epochs": 2, "seconds": 301.0, "curve": [
+                  {"minutes": 1.0, "epoch": 1, "step": 10, "top1": 0.7},
+                  {"minutes": 5.0, "epoch": 2, "step": 50, "top1": 0.8, "final": True}]}}
+    row = summarise(report, [])
+    assert row["curve"] == report["finetune"]["curve"] and row["finetune_epochs"] == 2 and row["finetune_s"] == 301.0
+    del report["finetune"]["curve"]
+    assert "curve" not in summarise(report, [])  # rows of the other suites keep their columns

@@ -383,6 +383,8 @@ def test_a_bad_time_budget_is_a_one_line_error() -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--budget-minutes", "0"], "--budget-minutes must be a positive number of minutes"),
     (["--budget-minutes", "5", "--epochs", "2"], "give --epochs or --budget-minutes, not both"),
+    (["--budget-minutes", "5", "--eval-every-minutes", "0"], "--eval-every-minutes must be a positive number"),
+    (["--eval-every-minutes", "1"], "--eval-every-minutes records top-1 while fine-tuning: add --budget-minutes"),
 ])
 def test_bad_budget_minutes_is_a_one_line_error_and_writes_nothing(args, message, tmp_path) -> None:
     from typer.testing import CliRunner
@@ -399,8 +401,59 @@ def test_budget_minutes_fine_tunes_through_compress_and_reports_what_ran() -> No
     from compressor import compress
 
     report = compress(str(SAMPLES / "samplenet.pt"), arch="samplenet", data=str(SAMPLES / "shapes_train_set.npz"),
-                      normalize="0.5,0.5,0.5/0.5,0.5,0.5", method="l1", target=0.3, budget_minutes=0.02,
-                      quantize="none", bench_batches=(), out=None).report
+                      eval_data=str(SAMPLES / "shapes_test_set.npz"), normalize="0.5,0.5,0.5/0.5,0.5,0.5",
+                      method="l1", target=0.3, budget_minutes=0.02, eval_every_minutes=0.0001, quantize="none",
+                      bench_batches=(), out=None).report
     finetune = report["finetune"]
     assert finetune["budget_minutes"] == 0.02 and finetune["epochs"] >= 1 and len(finetune["history"]) >= 1
+    curve = finetune["curve"]  # top-1 after every step but the one that spends the budget, then the final point
+    assert finetune["eval_every_minutes"] == 0.0001 and curve[-1]["final"] and len(curve) == curve[-1]["step"]
+    assert [p["minutes"] for p in curve] == sorted(p["minutes"] for p in curve) and curve[-1]["minutes"] >= 0.02
+    assert curve[-1]["top1"] == report["compressed"]["accuracy"]
     assert finetune["history"][-1]["lr"] < 0.01  # the schedule was run down with the time
+
+
+class _CostlyEval(list):
+    """An evaluation loader whose every pass costs ``cost`` seconds of the fake clock."""
+
+    def __init__(self, batches: list, clock: _FakeClock, cost: float) -> None:
+        super().__init__(batches)
+        self.clock, self.cost, self.passes = clock, cost, 0
+
+    def __iter__(self):
+        self.clock.now += self.cost
+        self.passes += 1
+        return super().__iter__()
+
+
+def test_top1_is_recorded_at_fixed_training_times_and_its_evaluations_spend_no_budget() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    loader = [(torch.randn(8, 1, 2, 2), torch.randint(0, 2, (8,))) for _ in range(20)]  # 20 steps per epoch
+    clock, lrs = _FakeClock(), []
+    evals = _CostlyEval(loader[:1], clock, cost=5.0)
+    config = TrainConfig(epochs=1000, lr=0.1, budget_seconds=10.0, eval_every_seconds=3.0)
+    result = Trainer(config, device="cpu", callbacks=[_Tick(clock, lrs)], progress=False,
+                     clock=clock).fit(model, loader, eval_loader=evals)
+    # 1 s per step: points after 3, 6 and 9 s of training, each evaluation 5 s that the budget does not count, so
+    # the budget still ends after 10 steps; the final point is the (partial) epoch's own evaluation
+    assert len(lrs) == 10 and evals.passes == 3 + 1 and result.epochs == 1
+    assert [(p["minutes"] * 60, p["epoch"], p["step"], p.get("final", False)) for p in result.curve] == [
+        pytest.approx((3.0, 1, 3, False), abs=0.01), pytest.approx((6.0, 1, 6, False), abs=0.01),
+        pytest.approx((9.0, 1, 9, False), abs=0.01), pytest.approx((10.0, 1, 10, True), abs=0.01)]
+    assert all(0.0 <= p["top1"] <= 1.0 for p in result.curve)
+    assert result.curve[-1]["top1"] == result.history[-1]["eval_acc"]
+    assert clock.now == pytest.approx(100 + 10 + 4 * 5.0)
+    assert lrs[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.9)), rel=1e-3)  # 9 s of training spent
+
+
+def test_the_curve_needs_evaluation_data_and_a_positive_interval() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    loader = [(torch.randn(8, 1, 2, 2), torch.randint(0, 2, (8,))) for _ in range(2)]
+    result = Trainer(TrainConfig(epochs=2, eval_every_seconds=1e-9), device="cpu", progress=False).fit(model, loader)
+    assert result.curve == []  # nothing to evaluate on: no curve, no error
+    with_eval = Trainer(TrainConfig(epochs=2, eval_every_seconds=1e-9), device="cpu",
+                        progress=False).fit(model, loader, eval_loader=loader)
+    assert [p["step"] for p in with_eval.curve] == [1, 2, 3, 4, 4] and with_eval.curve[-1]["final"]
+    with pytest.raises(InputError, match="evaluation interval must be a positive number"):
+        TrainConfig(epochs=1, eval_every_seconds=0.0)
