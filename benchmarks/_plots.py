@@ -4,7 +4,8 @@ Each method (with its ``--round-to`` when the row set one) is one curve through 
 by MACs); the original model is a black star. Latency is plotted relative to the original timed in the same run
 (1 / speedup), beside the line where latency would fall in proportion to MACs: a point above that line has
 efficiency below 1. Rows that quantised also get ``latency_by_precision-<model>.png``: fp32 and INT8 latency of the
-original and the compressed graphs against MACs, all relative to the fp32 original of the same run.
+original and the compressed graphs against MACs, all relative to the fp32 original of the same run. Rows that
+recorded top-1 along the fine-tuning (``curve``, the cpu-hour suites) get ``top1_vs_minutes-<model>.png``.
 Needs matplotlib (the ``bench`` extra); :mod:`benchmarks.run` checks for it before running anything.
 """
 
@@ -127,6 +128,27 @@ def plot_precisions(rows: list[dict[str, Any]], model: str, suite: str, path: Pa
     return _save(fig, path)
 
 
+def plot_minutes(rows: list[dict[str, Any]], model: str, suite: str, path: Path) -> Path:
+    """Top-1 against minutes of fine-tuning, one line per row with a ``curve`` (``--eval-every-minutes``): the
+    first point (0 min) is the row's top-1 before fine-tuning, the last its final top-1; the original is a dashed
+    line."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    for i, row in enumerate(r for r in rows if r.get("curve")):
+        points = [(0.0, row.get("top1_pruned"))] + [(p["minutes"], p["top1"]) for p in row["curve"]]
+        x = [m for m, t in points if t is not None]
+        y = [100 * t for _, t in points if t is not None]
+        name = row["method"] + ("" if row.get("round_to") is None else f" r{row['round_to']}")
+        ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], markersize=4, label=name)
+    first = rows[0]
+    if first.get("top1_orig") is not None:
+        ax.axhline(100 * first["top1_orig"], color="k", linestyle="--", linewidth=1, label="original")
+    ax.set(xlabel="minutes of fine-tuning (wall clock, one core)", ylabel="top-1 (%)",
+           title=f"{model}: top-1 against fine-tuning minutes ({suite} suite)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right", ncol=2)
+    return _save(fig, path)
+
+
 def plot_suite(results: dict[str, Any], out_dir: Path) -> list[Path]:
     """The plots of every model of a stored suite that has at least one successful row (top-1 only where the
     model's top-1 means something, per precision only where the rows quantised)."""
@@ -138,4 +160,6 @@ def plot_suite(results: dict[str, Any], out_dir: Path) -> list[Path]:
         written.append(plot_latency(rows, model, suite, out_dir / f"latency_vs_macs-{model}.png"))
         if has_int8(rows):
             written.append(plot_precisions(rows, model, suite, out_dir / f"latency_by_precision-{model}.png"))
+        if any(r.get("curve") for r in rows):
+            written.append(plot_minutes(rows, model, suite, out_dir / f"top1_vs_minutes-{model}.png"))
     return written

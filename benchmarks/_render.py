@@ -20,7 +20,8 @@ from ._suites import README_SUITES, SUITE_ORDER
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 PLOTS = (("top-1 against MACs", "top1_vs_macs"), ("latency against MACs", "latency_vs_macs"),
-         ("latency against MACs per precision", "latency_by_precision"))
+         ("latency against MACs per precision", "latency_by_precision"),
+         ("top-1 against fine-tuning minutes", "top1_vs_minutes"))
 LEADING_COLUMNS = ("key", "model", "method", "target", "target_metric", "status", "error", "achieved",
                    "params_orig", "params", "macs_orig", "macs", "mac_reduction", "filters_orig", "filters",
                    "onnx_bytes_orig", "onnx_bytes", "top1_orig", "top1_pruned_stale_bn", "top1_pruned",
@@ -244,8 +245,11 @@ def invocations_lines(meta: dict[str, Any]) -> list[str]:
         f"{r.get('configurations_run')} configurations, git `{r.get('git')}`)" for r in runs) + "."]
 
 
-def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir: Path) -> list[str]:
-    from . import _int8_render  # it builds on this module's helpers
+def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir: Path,
+                  stored: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The page's section of one suite; ``stored`` (every suite) lets the cpu-hour sections check issue 13's
+    targets across the screen and the hour."""
+    from . import _hour_render, _int8_render  # they build on this module's helpers
 
     meta, rows = results["meta"], results["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
@@ -263,6 +267,8 @@ def suite_section(name: str, results: dict[str, Any], docs_dir: Path, suite_dir:
     lines += [f"- Note: {note}." for note in meta.get("notes", [])]
     if name == "deploy":
         lines += [""] + _int8_render.targets_section(rows)
+    if name in (_hour_render.SCREEN, _hour_render.HOUR):
+        lines += [""] + _hour_render.section(name, {**(stored or {}), name: results})
     for model, model_rows in by_model(rows).items():
         good = [r for r in model_rows if r["status"] == "ok"]
         lines += ["", f"### {name}: {model}", ""]
@@ -338,7 +344,7 @@ def results_page(stored: dict[str, dict[str, Any]], docs: Path, results_dir: Pat
              ""]
     lines += [f"- {c}" for c in CONVENTIONS]
     for name, results in stored.items():
-        lines += [""] + suite_section(name, results, docs.parent.resolve(), (results_dir / name).resolve())
+        lines += [""] + suite_section(name, results, docs.parent.resolve(), (results_dir / name).resolve(), stored)
     study = efficiency_section(stored, results_dir)
     if study:
         lines += [""] + study

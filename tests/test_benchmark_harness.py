@@ -463,3 +463,43 @@ def test_a_row_carries_the_curve_of_its_report() -> None:
     assert row["curve"] == report["finetune"]["curve"] and row["finetune_epochs"] == 2 and row["finetune_s"] == 301.0
     del report["finetune"]["curve"]
     assert "curve" not in summarise(report, [])  # rows of the other suites keep their columns
+
+
+def _hour_row(model: str, method: str, top1: float, **extra: Any) -> dict[str, Any]:
+    return {"key": f"{model}-{method}-macs-0.5-r8", "model": model, "method": method, "status": "ok",
+            "target": 0.5, "target_metric": "macs", "round_to": 8, "macs": 20_000_000, "macs_orig": 41_000_000,
+            "mac_reduction": 2.05, "params": 130_000, "params_orig": 270_000, "top1_orig": 0.915,
+            "top1_int8_orig": 0.913, "top1_pruned": 0.5, "top1_finetuned": top1, "top1_int8": top1 - 0.002,
+            "p50_ms_b1": 1.5, "p50_ms_int8_b1": 0.9, "speedup_int8_b1": 2.1,
+            "curve": [{"minutes": 1.0, "epoch": 1, "step": 100, "top1": top1 - 0.05},
+                      {"minutes": 5.0, "epoch": 2, "step": 500, "top1": top1, "final": True}], **extra}
+
+
+def test_cpu_hour_sections_state_the_targets_the_missing_rows_and_plot_the_curves(tmp_path: Path) -> None:
+    from benchmarks import _hour_render
+
+    rows = [_hour_row("resnet20", "cmi", 0.86), _hour_row("resnet20", "tp-taylor", 0.85),
+            _hour_row("resnet20", "l1", 0.90), {"key": "k", "model": "resnet20", "method": "mipp", "status": "failed",
+                                               "target": 0.5, "target_metric": "macs", "error": "boom"}]
+    stored = {"cpu-hour-screen": {"meta": {"complete": False}, "rows": rows}}
+    text = "\n".join(_hour_render.section("cpu-hour-screen", stored))
+    assert "| `cmi` | ours | 20.0 M (2.05×) | 130,000 | 50.0 | **86.0** | 85.8 | 1.50 / 0.90 | 2.10× |" in text
+    assert text.index("`l1` | baseline") < text.index("`cmi` | ours") < text.index("`tp-taylor` | tp-*")
+    assert "5.0 min, 2 ep., 500 steps" in text
+    assert "Missing rows (not run yet, or failed): `mipp`, `blocks+l1`, `blocks`, `random`, `tp-magnitude`" in text
+    assert "| `cmi` 86.0% vs `tp-taylor` 85.0% | **met** (+1.0 points) |" in text
+    assert "| cpu-hour | no row yet |" in text  # the hour's targets before it ran
+    hour = {"meta": {"complete": True}, "rows": [
+        _hour_row("resnet56", "mipp", 0.915, top1_orig=0.926), _hour_row("resnet56", "tp-lamp", 0.92)]}
+    text = "\n".join(_hour_render.section("cpu-hour", {**stored, "cpu-hour": hour}))
+    assert "Rows: chosen once the cpu-hour-screen suite has finished." in text
+    assert "`mipp` 91.5% vs `tp-lamp` 92.0% | missed (-0.5 points)" in text
+    assert "`tp-lamp` 92.0% at 2.05× fewer MACs; original 91.5% | **met** (+0.5 points against the original)" in text
+    hour["rows"][1]["top1_finetuned"] = 0.90
+    text = "\n".join(_hour_render.section("cpu-hour", {**stored, "cpu-hour": hour}))
+    assert "`mipp` 91.5% at 2.05× fewer MACs; original 92.6% | missed (-1.1 points against the original)" in text
+    if HAS_MATPLOTLIB:
+        from benchmarks import _plots
+
+        path = _plots.plot_minutes(rows[:3], "resnet20", "cpu-hour-screen", tmp_path / "minutes.png")
+        assert path.stat().st_size > 1000
