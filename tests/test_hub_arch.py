@@ -6,6 +6,7 @@ torchvision/timm models skip with a message when the package cannot be imported 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -182,3 +183,21 @@ def test_timm_arch_builds_with_typed_kwargs_and_loads_a_checkpoint(tmp_path: Pat
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_cli_timm_arch_compresses_and_reloads(tmp_path: Path, noise: Path) -> None:
+    """timm's tiny test_efficientnet (SiLU, squeeze-excitation), 10 classes read from the checkpoint."""
+    timm = require("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=10).eval()
+    path = tmp_path / "eff.pt"
+    torch.save(model.state_dict(), path)
+    out = tmp_path / "out"
+    result = _invoke([path, "--arch", "timm:test_efficientnet", "--data", noise, "--method", "l1", "--target",
+                      "0.33", "--round-to", "1", "--bench-batch", "none", "--bn-recalib", "0", "--quantize", "none",
+                      "--no-reconstruct", "--calib-samples", "8", "--out", out, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["parity"]["ok"] and abs(report["method"]["achieved"] - 0.33) <= 0.02
+    rebuilt = load_compressed(out / "compressed.pt")
+    assert rebuilt(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
