@@ -12,6 +12,7 @@ with far fewer training images. This script measures both on the trained ResNet-
      ``benchmarks/distill_quality.py``; made once, cached in ``--work``), as ``--imp-data``, with as many epochs per
      round as give the same number of SGD steps (100 images = one batch per epoch);
    * ``real-small`` (optional, ``--sources``): as many random real images as the distilled set has, same steps;
+   * ``one-shot`` (optional): no data at all, ``--imp-epochs 0`` (global magnitude pruning of the trained weights);
 2. the mask applied to the rewind point (the trained dense weights; masks kept by the Trainer's ``MaskKeeper``), then
    :func:`compressor.stability.stability`: two copies trained on the ``real`` subset for ``--final-steps`` steps
    with different SGD noise (seeds 1 and 2: batch order and augmentation), the error on ``test1000.npz`` at
@@ -56,7 +57,7 @@ OUT = RESULTS / "imp_lmc.json"
 DOCS = REPO / "docs" / "RESULTS.md"
 PLOT_NAME = "imp_lmc.png"  # beside --docs
 START, END = "<!-- imp_lmc:start -->", "<!-- imp_lmc:end -->"
-SOURCES = ("real", "distilled", "real-small")
+SOURCES = ("real", "distilled", "real-small", "one-shot")
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -88,18 +89,21 @@ def distilled_set(args: argparse.Namespace) -> tuple[Path, list[str]]:
 # ------------------------------------------------------------------------------------------------- one row
 def find_mask(target: float, source: str, data: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
     """Weight IMP to ``target`` with its rounds on ``source``: the masks and what finding them cost."""
-    imp_data = data[source]
-    with np.load(imp_data) as archive:
-        images = int(archive["y"].shape[0])
+    imp_data = data.get(source)  # None for one-shot: no retraining, the rounds rank the trained weights
+    images = 0
+    if imp_data is not None:
+        with np.load(imp_data) as archive:
+            images = int(archive["y"].shape[0])
     steps_per_epoch = -(-images // args.batch_size)
-    epochs = max(1, round(args.steps_per_round / steps_per_epoch))
+    epochs = max(1, round(args.steps_per_round / steps_per_epoch)) if imp_data is not None else 0
+    extra = {"imp_data": str(imp_data)} if imp_data is not None else {}
     start = time.perf_counter()
     result = compress(str(CHECKPOINTS["resnet20"]), arch="resnet20", data=str(data["real"]), eval_data=str(TEST),
                       normalize="imagenet", method="imp", target=target, epochs=0, lr=args.lr,
                       batch_size=args.batch_size, bench_batches=(1,), bench_repeats=3, threads=1, device="cpu",
                       round_to=1, seed=args.seed,
                       method_options={"imp_granularity": "weight", "imp_rounds": args.rounds, "imp_rewind": "original",
-                                      "imp_epochs": epochs, "imp_data": str(imp_data)})
+                                      "imp_epochs": epochs, **extra})
     masks = {name: getattr(m, MASK).detach().cpu().clone() for name, m in result.model.named_modules()
              if isinstance(getattr(m, MASK, None), torch.Tensor)}
     imp = result.report["method"]["imp"]
@@ -140,7 +144,8 @@ def render(payload: dict[str, Any]) -> str:
     b, rows = payload["budget"], payload["rows"]
     dense = next((r for r in rows if r["source"] == "dense"), None)
     lines = [START, "## IMP on real vs distilled data: accuracy and linear-mode-connectivity instability", "",
-             f"`{payload['command']}` ({payload['meta']['seconds_total']:.0f} s of compute over the runs recorded; "
+             " then ".join(f"`{c}`" for c in payload.get("invocations", [payload["command"]])) +
+             f" ({payload['meta']['seconds_total']:.0f} s of compute over the runs recorded; "
              "issue 14 item 4, arXiv 2310.18769 at a 1-core scale). ResNet-20 (trained, `../shared`), weight IMP "
              f"(`--imp-granularity weight --imp-rewind original`), {b['rounds']} rounds of {b['steps_per_round']} "
              f"SGD steps (batch {b['batch_size']}, lr {b['lr']:g}, cosine) on the mask-finding data; then the mask "
@@ -188,7 +193,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     rows = payload["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     dense = next((r for r in rows if r["source"] == "dense"), None)
-    for source, style in (("real", "o-"), ("distilled", "s-"), ("real-small", "^--")):
+    for source, style in (("real", "o-"), ("distilled", "s-"), ("real-small", "^--"), ("one-shot", "x:")):
         mine = sorted((r for r in rows if r["source"] == source), key=lambda r: r["achieved"])
         if not mine:
             continue
@@ -249,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads(args.out.read_text())
         if payload.get("budget") != budget:
             raise SystemExit(f"{args.out} holds rows of another budget; pass --out NEW.json (or move it away)")
-    payload.update(budget=budget, command="OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.imp_lmc "
-                   + " ".join(argv if argv is not None else sys.argv[1:]),
-                   machine=machine(), versions=versions())
+    command = "OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.imp_lmc " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    invocations = payload.get("invocations") or ([payload["command"]] if "command" in payload else [])
+    payload.update(budget=budget, command=command, invocations=[*invocations, command], machine=machine(),
+                   versions=versions())
     args.work.mkdir(parents=True, exist_ok=True)
     data = {"real": real_subset(args.real_per_class, args.work / f"real{args.real_per_class}.npz", args.seed)}
     if "distilled" in args.sources:
