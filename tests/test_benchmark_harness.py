@@ -485,7 +485,7 @@ def test_cpu_hour_sections_state_the_targets_the_missing_rows_and_plot_the_curve
     text = "\n".join(_hour_render.section("cpu-hour-screen", stored))
     assert "| `cmi` | ours | 20.0 M (2.05×) | 130,000 | 50.0 | **86.0** | 85.8 | 1.50 / 0.90 | 2.10× |" in text
     assert text.index("`l1` | baseline") < text.index("`cmi` | ours") < text.index("`tp-taylor` | tp-*")
-    assert "5.0 min, 2 ep., 500 steps" in text
+    assert "5.0 min, 2 ep., 500 steps" in text and "1 step" not in text
     assert "Missing rows (not run yet, or failed): `mipp`, `blocks+l1`, `blocks`, `random`, `tp-magnitude`" in text
     assert "| `cmi` 86.0% vs `tp-taylor` 85.0% | **met** (+1.0 points) |" in text
     assert "| cpu-hour | no row yet |" in text  # the hour's targets before it ran
@@ -498,6 +498,9 @@ def test_cpu_hour_sections_state_the_targets_the_missing_rows_and_plot_the_curve
     hour["rows"][1]["top1_finetuned"] = 0.90
     text = "\n".join(_hour_render.section("cpu-hour", {**stored, "cpu-hour": hour}))
     assert "`mipp` 91.5% at 2.05× fewer MACs; original 92.6% | missed (-1.1 points against the original)" in text
+    hour["rows"][0]["mac_reduction"] = 1.96
+    text = "\n".join(_hour_render.section("cpu-hour", {**stored, "cpu-hour": hour}))
+    assert "| missed (-1.1 points against the original; only 1.96× fewer MACs, short of 2×) |" in text
     if HAS_MATPLOTLIB:
         from benchmarks import _plots
 
