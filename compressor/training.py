@@ -467,8 +467,7 @@ class _Curve(Callback):
         state.paused += state.clock() - t0
         self._add(state, {"minutes": round(trained / 60, 4), "epoch": state.epoch, "step": state.step + 1,
                           "top1": top1})
-        while state.next_eval <= trained:
-            state.next_eval += self.every
+        state.next_eval = (math.floor(trained / self.every) + 1) * self.every  # the next multiple not yet passed
 
     def final(self, state: TrainState, trained: float) -> None:
         top1 = state.history[-1]["eval_acc"] if state.history else None
