@@ -142,9 +142,11 @@ def compress_options(job: dict[str, Any]) -> dict[str, Any]:
                    device=budget["device"], calib_samples=budget["calib_samples"],
                    bench_batches=tuple(budget["bench_batches"]), bench_repeats=budget["bench_repeats"],
                    threads=budget["threads"], quantize=budget.get("quantize", "none"))
-    for key in ("budget_minutes", "eval_every_minutes", "distill"):  # budgets that have them (cpu-hour)
+    for key in ("budget_minutes", "eval_every_minutes"):  # budgets that have them (cpu-hour)
         if budget.get(key):
             options[key] = budget[key]
+    # explicit, so a suite keeps its meaning whatever the tool's default (distillation became the default later)
+    options["distill"] = bool(budget.get("distill", False))
     if job.get("round_to") is not None:
         options["round_to"] = job["round_to"]
     for key, value in (job.get("overrides") or {}).items():

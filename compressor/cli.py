@@ -105,7 +105,9 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("weight_decay", float, 5e-4, "Weight decay (L2 for SGD, decoupled for AdamW). E.g. --weight-decay 1e-4",
          TUNE),
     Flag("batch_size", int, 128, "Fine-tuning/eval batch size. E.g. --batch-size 128", TUNE),
-    Flag("distill", bool, False, "Distil from the uncompressed model while fine-tuning.", TUNE, ("--distill",)),
+    Flag("distill", Optional[bool], None, "Fine-tune with logit distillation from the uncompressed model (default: "
+         "on, except with --at-init). Measured: ResNet-56 l1 0.33, 4 min on one core, 3 seeds: +2.4 points top-1 "
+         "over plain training (benchmarks/distill_default.py).", TUNE, ("--distill/--no-distill",)),
     Flag("at_init", bool, False, "Score and prune a randomly re-initialised copy (seeded by --seed), then train the "
          "pruned network from scratch for --epochs. E.g. --at-init --epochs 30 --lr 0.1", TUNE, ("--at-init",)),
     Flag("dist_timeout", float, 1800.0, "Under torchrun: seconds a process waits for the others before the run fails "

@@ -364,7 +364,7 @@ def train(compressed: Compressed, original: nn.Module, prepared: Prepared, cfg: 
     evals = prepared.eval if dist is None or prepared.eval is None else prepared.loader(cfg, train=False, dist=dist)
     with policy.apply("train"), contextlib.nullcontext() if dist is None else collective("fine-tuning"):
         result = trainer.fit(compressed.model, prepared.loader(cfg, train=True, dist=dist),
-                             teacher=original if cfg.distill else None, eval_loader=evals)
+                             teacher=original if cfg.distills else None, eval_loader=evals)
     records, report = list(compressed.records), dict(compressed.report)
     for callback in compressed.callbacks:
         records = _replace_records(records, callback.records())

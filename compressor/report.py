@@ -91,6 +91,7 @@ def assemble(*, tool: dict[str, Any], model: dict[str, Any], method: dict[str, A
         "latency": bench.latency if bench is not None else {},
         "benchmark": bench.details if bench is not None else {},
         "finetune": {"epochs": getattr(result, "epochs", cfg.epochs), "budget_minutes": cfg.budget_minutes,
+                     "distill": cfg.distills if cfg.trains else None,
                      "seconds": getattr(result, "seconds", None), "device": getattr(result, "device", None),
                      "amp": getattr(result, "amp", None), "history": list(getattr(result, "history", []) or []),
                      "eval_every_minutes": getattr(cfg, "eval_every_minutes", None),

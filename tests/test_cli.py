@@ -225,3 +225,16 @@ def test_both_onnxruntime_packages_installed_is_reported(monkeypatch: pytest.Mon
     result = invoke(model_file, "--out", tmp_path / "o")
     assert result.exit_code == 2, result.output
     assert "onnxruntime-gpu" in result.stderr and "uninstall" in result.stderr.lower()
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--distill"], True), (["--no-distill"], False)])
+def test_distillation_is_on_by_default_and_can_be_turned_off(flags: list[str], expected: bool | None, api_calls,
+                                                              tmp_path: Path) -> None:
+    """No flag leaves the choice to the config (None: distil unless --at-init); the flags force it either way."""
+    from compressor.config import CompressConfig
+
+    assert CliRunner().invoke(cli.app, [str(tmp_path / "m.pt"), *flags]).exit_code == 0
+    assert [c["distill"] for c in api_calls] == [expected]
+    cfg = CompressConfig(distill=expected)
+    assert cfg.distills is (expected is not False)
+    assert CompressConfig(distill=expected, at_init=True).distills is (expected is True)

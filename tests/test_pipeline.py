@@ -128,6 +128,7 @@ def test_at_init_prunes_fresh_weights_and_compares_with_the_trained_model(at_ini
     matches = (kept[:, None] - trained[None]).abs().flatten(2).amax(-1).amin(-1) < 1e-6
     assert bool(matches.all()) is not at_init and bool(matches.any()) is not at_init
     assert result.report["method"]["at_init"] is at_init
+    assert result.report["finetune"]["distill"] is (not at_init)  # the default: distil, except from scratch
     torch.testing.assert_close(result.original.stem[0].weight, trained)
 
 
