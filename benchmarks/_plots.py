@@ -22,6 +22,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # after choosing the backend
 
 from ._child import default_file_mode
+from ._hour_render import group
 from ._int8_render import has_int8, int8_batches
 from ._render import batches, by_model
 
@@ -130,15 +131,16 @@ def plot_precisions(rows: list[dict[str, Any]], model: str, suite: str, path: Pa
 
 def plot_minutes(rows: list[dict[str, Any]], model: str, suite: str, path: Path) -> Path:
     """Top-1 against minutes of fine-tuning, one line per row with a ``curve`` (``--eval-every-minutes``): the
-    first point (0 min) is the row's top-1 before fine-tuning, the last its final top-1; the original is a dashed
-    line."""
+    first point (0 min) is the row's top-1 before fine-tuning, the last its final top-1; our methods solid, the tp-*
+    criteria dashed, the baselines dotted; the original is a black dashed line."""
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     for i, row in enumerate(r for r in rows if r.get("curve")):
         points = [(0.0, row.get("top1_pruned"))] + [(p["minutes"], p["top1"]) for p in row["curve"]]
         x = [m for m, t in points if t is not None]
         y = [100 * t for _, t in points if t is not None]
         name = row["method"] + ("" if row.get("round_to") is None else f" r{row['round_to']}")
-        ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], markersize=4, label=name)
+        style = {"ours": "-", "tp-*": "--"}.get(group(row["method"]), ":")  # ours solid, tp-* dashed, baselines dotted
+        ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], markersize=4, linestyle=style, label=name)
     first = rows[0]
     if first.get("top1_orig") is not None:
         ax.axhline(100 * first["top1_orig"], color="k", linestyle="--", linewidth=1, label="original")

@@ -486,11 +486,13 @@ def test_cpu_hour_sections_state_the_targets_the_missing_rows_and_plot_the_curve
     rows = [_hour_row("resnet20", "cmi", 0.86), _hour_row("resnet20", "tp-taylor", 0.85),
             _hour_row("resnet20", "l1", 0.90), {"key": "k", "model": "resnet20", "method": "mipp", "status": "failed",
                                                "target": 0.5, "target_metric": "macs", "error": "boom"}]
-    stored = {"cpu-hour-screen": {"meta": {"complete": False}, "rows": rows}}
+    stored = {"cpu-hour-screen": {"meta": {"complete": False, "budget": {"eval_every_minutes": 1.0}}, "rows": rows}}
     text = "\n".join(_hour_render.section("cpu-hour-screen", stored))
     assert "| `cmi` | ours | 20.0 M (2.05×) | 130,000 | 50.0 | **86.0** | 85.8 | 1.50 / 0.90 | 2.10× |" in text
     assert text.index("`l1` | baseline") < text.index("`cmi` | ours") < text.index("`tp-taylor` | tp-*")
     assert "5.0 min, 2 ep., 500 steps" in text and "1 step" not in text
+    assert "| method | 0 min | 1 min | end of fine-tuning |" in text
+    assert "| `cmi` | 50.0 | 81.0 | 86.0 (5.0 min) |" in text  # before fine-tuning, after 1 minute, at the end
     assert "Missing rows (not run yet, or failed): `mipp`, `blocks+l1`, `blocks`, `random`, `tp-magnitude`" in text
     assert "| `cmi` 86.0% vs `tp-taylor` 85.0% | **met** (+1.0 points) |" in text
     assert "| cpu-hour | no row yet |" in text  # the hour's targets before it ran
