@@ -38,7 +38,11 @@ Suites:
   ``l1``, ``random`` and torch-pruning's criteria), ``--round-to 8``, 5 minutes each (top-1 every minute). The hour:
   ResNet-56 at half the MACs, the best two of :data:`OURS` and the best two of :data:`TP_PEERS` by fine-tuned fp32
   top-1 in the stored screen results (:func:`select_grid`; refused until the screen has finished), 60 minutes each
-  (top-1 every 5 minutes). Both resume across sittings (``--resume``); ``--list`` shows the rows.
+  (top-1 every 5 minutes). Both resume across sittings (``--resume``); ``--list`` shows the rows (for the hour,
+  with the choice and the screening top-1 behind it). The hour re-reads the screen at every invocation: a screen
+  re-run in between that changes the winners changes the hour's grid, and ``--resume`` keeps only the rows of the
+  new grid. Fine-tuning minutes are training time: the curve's own evaluations (test1000, a few seconds each) are
+  excluded from them and from the budget; the per-epoch evaluations count, as for every ``--budget-minutes`` run.
 
 INT8 (``Budget.quantize``): ``smoke``, ``sample`` and ``deploy`` quantise (``int8``), so their rows carry the INT8
 columns. ``cpu``, ``cpu-long`` and ``gpu`` keep their meaning from before the INT8 stage existed: ``none``, the fp32
