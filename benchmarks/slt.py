@@ -65,10 +65,13 @@ def run(args: argparse.Namespace) -> None:
     if missing(TRAIN, TEST):
         return
     plan: list[tuple[str, SLTConfig | None]] = []
+    tag = "" if args.seed == 0 else f" (seed {args.seed})"
+    seeds = {"weight_seed": args.seed, "freeze_seed": args.seed + 1, "score_seed": args.seed + 2}
     for f in args.freezes:
-        plan.append(("dense" if f == 0 else f"frozen {f:g}", SLTConfig(keep=args.keep, freeze=f)))
+        name = ("dense" if f == 0 else f"frozen {f:g}") + ("" if args.keep == 0.5 else f" keep {args.keep:g}") + tag
+        plan.append((name, SLTConfig(keep=args.keep, freeze=f, **seeds)))
     for f in args.pruned:
-        plan.append((f"pruned {f:g}", SLTConfig(keep=(1 - f) / 2, freeze=f, freeze_prune=1.0)))
+        plan.append((f"pruned {f:g}{tag}", SLTConfig(keep=(1 - f) / 2, freeze=f, freeze_prune=1.0, **seeds)))
     if args.weights:
         plan.append(("weights", None))
     results: dict[str, Any] = {"meta": {"arch": args.arch, "keep": args.keep, "train_images": args.train_images,
@@ -76,11 +79,19 @@ def run(args: argparse.Namespace) -> None:
                                         "eval": str(TEST.name), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                         "command": "python -m benchmarks.slt " + " ".join(args.argv)},
                                "rows": []}
+    if args.append and OUT.exists():  # more rows for the same table (same recipe): keep what is there
+        old = json.loads(OUT.read_text())
+        results["rows"] = old["rows"]
+        results["meta"]["invocations"] = [*old["meta"].get("invocations", [old["meta"]["command"]]),
+                                          results["meta"]["command"]]
+        results["meta"]["command"] = old["meta"]["command"]
+        results["meta"]["started"] = old["meta"]["started"]
+        results["note"] = old.get("note", "")
     for name, cfg in plan:
         print(f"[slt] {name}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             result = run_slt(arch=args.arch, data=str(TRAIN), eval_data=str(TEST), normalize="imagenet", slt=cfg,
-                             train_weights=cfg is None, epochs=args.epochs, lr=args.lr, batch_size=128,
+                             train_weights=cfg is None, epochs=args.epochs, lr=args.lr, batch_size=128, seed=args.seed,
                              train_images=args.train_images, threads=args.threads, device="cpu",
                              bench_batches=(1,), bench_repeats=args.repeats, out=Path(tmp) / "run", progress=True,
                              command=["benchmarks.slt", name])
@@ -175,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="weight seed; freezing seed + 1, score seed + 2")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--append", action="store_true", help="add the rows to slt.json instead of replacing it")
     p.add_argument("--render", action="store_true", help="only re-render docs/RESULTS.md from slt.json")
     args = p.parse_args(argv)
     args.argv = argv
