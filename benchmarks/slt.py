@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> None:
         plan.append((f"pruned {f:g}{tag}", SLTConfig(keep=(1 - f) / 2, freeze=f, freeze_prune=1.0, **seeds)))
     if args.weights:
         plan.append(("weights", None))
-    results: dict[str, Any] = {"meta": {"arch": args.arch, "keep": args.keep, "train_images": args.train_images,
+    results: dict[str, Any] = {"meta": {"arch": args.arch, "keep_of_frozen_rows": args.keep,
+                                        "train_images": args.train_images,
                                         "epochs": args.epochs, "lr": args.lr, "threads": args.threads,
                                         "eval": str(TEST.name), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                         "command": "python -m benchmarks.slt " + " ".join(args.argv)},
@@ -82,10 +83,8 @@ def run(args: argparse.Namespace) -> None:
     if args.append and OUT.exists():  # more rows for the same table (same recipe): keep what is there
         old = json.loads(OUT.read_text())
         results["rows"] = old["rows"]
-        results["meta"]["invocations"] = [*old["meta"].get("invocations", [old["meta"]["command"]]),
-                                          results["meta"]["command"]]
-        results["meta"]["command"] = old["meta"]["command"]
-        results["meta"]["started"] = old["meta"]["started"]
+        results["meta"] = {**old["meta"], "invocations": [*old["meta"].get("invocations", [old["meta"]["command"]]),
+                                                          results["meta"]["command"]]}
         results["note"] = old.get("note", "")
     for name, cfg in plan:
         print(f"[slt] {name}", flush=True)
@@ -145,6 +144,9 @@ def render() -> None:
              "about ±1.5 points sampling error at these accuracies). Stored bits: mask bits of the searched weights + "
              "two 64-bit seeds + BatchNorm running statistics (float32); `weights` is the float32 model. Latency: "
              "onnxruntime p50 at batch 1 of the ticket's masked dense graph beside the unmasked source graph.", "",
+             *([f"Rows added by: {'; '.join(f'`{c}`' for c in meta['invocations'][1:])} (same recipe; a name with "
+                "`keep K` ran at that --keep, `(seed S)` with weight/freezing/score seeds S, S+1, S+2).", ""]
+               if meta.get("invocations") else []),
              "| source | keep | search space | top-1 | mask bits | stored bits | dense-source ticket bits | ONNX bytes "
              "(deflated) | p50 b1 ticket / source (ms) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
