@@ -152,11 +152,11 @@ def render(payload: dict[str, Any]) -> str:
              f"(`--imp-granularity weight --imp-rewind original`), {b['rounds']} rounds of {b['steps_per_round']} "
              f"SGD steps (batch {b['batch_size']}, lr {b['lr']:g}, cosine) on the mask-finding data; then the mask "
              f"on the trained dense weights, two copies trained on {b['real_images']} real images for "
-             f"{b['final_steps']} steps each (seeds 1 and 2), error on test1000 at {b['points']} points of the line "
-             f"between them (BatchNorm re-estimated on {b['bn_images']} images at every point). top-1 = mean of the "
-             "two copies; instability = error barrier (max error on the path - mean of the endpoints). "
-             "1,000 test images: about +-0.9 points of sampling error at 90 %; every row is scored on the same "
-             f"images. Distilled set: `compress distill` K = {b['distill']['images_per_class']} per class "
+             f"{b['final_steps']} steps each (the noise seeds of the table), error on test1000 at {b['points']} "
+             f"points of the line between them (BatchNorm re-estimated on {b['bn_images']} images at every point). "
+             "top-1 = mean of the two copies; instability = error barrier (max error on the path - mean of the "
+             "endpoints). 1,000 test images: about +-0.9 points of sampling error at 90 %; every row is scored on "
+             f"the same images. Distilled set: `compress distill` K = {b['distill']['images_per_class']} per class "
              f"({b['distill']['iterations']} iterations, ConvNet width {b['distill']['width']}).", "",
              "| sparsity | mask found on | images to find the mask | noise seeds | top-1 % | instability (points) | "
              "top-1 after IMP rounds % | mask overlap with real |",
@@ -172,7 +172,9 @@ def render(payload: dict[str, Any]) -> str:
         lines += [f"Dense reference (same final training, noise seeds 1,2): top-1 {100 * dense['top1']:.1f} %, "
                   f"instability {100 * dense['instability']:.2f} points. The plot shows the mean over the noise-seed "
                   "pairs measured.", ""]
-    lines += payload.get("notes", []) + ([""] if payload.get("notes") else []) + [END]
+    for note in payload.get("notes", []):
+        lines += [note, ""]
+    lines.append(END)
     return "\n".join(lines)
 
 
