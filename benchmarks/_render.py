@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
@@ -351,8 +352,22 @@ def results_page(stored: dict[str, dict[str, Any]], docs: Path, results_dir: Pat
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+#: A section another benchmark script writes into the page (``benchmarks/imp_lmc.py``, ``benchmarks/slt.py``):
+#: ``<!-- NAME:start -->`` ... ``<!-- NAME:end -->`` (``begin`` accepted for ``start``); kept on every re-render.
+KEPT_SECTION = re.compile(r"^<!-- (?P<name>[\w-]+):(?:start|begin) -->$.*?^<!-- (?P=name):end -->$",
+                          re.MULTILINE | re.DOTALL)
+
+
+def kept_sections(page: str) -> list[str]:
+    """The sections of an existing results page that other scripts own, in page order."""
+    return [m.group(0) for m in KEPT_SECTION.finditer(page)]
+
+
 def write_results_page(stored: dict[str, dict[str, Any]], docs: Path, results_dir: Path) -> Path:
-    atomic_write_text(docs, results_page(stored, docs, results_dir))
+    """Rebuild the page from the stored suites, keeping the sections other benchmark scripts wrote into it."""
+    page = results_page(stored, docs, results_dir)
+    kept = kept_sections(docs.read_text()) if docs.exists() else []
+    atomic_write_text(docs, page + "".join(f"\n{section}\n" for section in kept))
     return docs
 
 

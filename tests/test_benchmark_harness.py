@@ -513,3 +513,18 @@ def test_cpu_hour_sections_state_the_targets_the_missing_rows_and_plot_the_curve
 
         path = _plots.plot_minutes(rows[:3], "resnet20", "cpu-hour-screen", tmp_path / "minutes.png")
         assert path.stat().st_size > 1000
+
+
+def test_a_rebuilt_results_page_keeps_the_sections_other_scripts_wrote(tmp_path: Path) -> None:
+    """benchmarks/imp_lmc.py and benchmarks/slt.py write their own marked sections into docs/RESULTS.md; the
+    harness's --render-only rebuilds the page from the suites and must keep them, once each, in page order."""
+    docs = tmp_path / "RESULTS.md"
+    imp = "<!-- imp_lmc:start -->\n## IMP\n\n| a |\n<!-- imp_lmc:end -->"
+    slt = "<!-- slt:begin -->\n## SLT\n<!-- slt:end -->"
+    docs.write_text(f"# old page\n\nstale suite text\n\n{slt}\n\nmore stale text\n{imp}\n")
+    for _ in range(2):  # idempotent: a second render neither drops nor duplicates them
+        _render.write_results_page({}, docs, tmp_path)
+        page = docs.read_text()
+        assert page.startswith("# Benchmark results") and "stale" not in page
+        assert page.count(imp) == 1 and page.count(slt) == 1 and page.index(slt) < page.index(imp)
+    assert _render.kept_sections("<!-- x:start -->\nunterminated\n") == []
