@@ -17,6 +17,7 @@ Examples
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from . import slt as slt_mod
+from . import slt_ticket
 from .data import ImageDataset, calibration_subset, check_dataset, load_dataset, make_loader
 from .errors import InputError, OutputError, ValidationError
 from .io import check_writable_dir, load_model
@@ -88,7 +90,7 @@ def _template(arch: str | None, model: Any, trust_pickle: bool, num_classes: int
     if arch is None:
         raise InputError("compress slt starts from a random network of an architecture: pass --arch (e.g. --arch "
                          "resnet20) or --model CHECKPOINT")
-    return slt_mod._build_arch(arch, num_classes), arch
+    return slt_ticket.build_arch(arch, num_classes), arch
 
 
 def _datasets(data: Any, eval_data: Any, train_images: int | None, eval_images: int,
@@ -127,11 +129,11 @@ def run_slt(*, arch: str | None = None, model: Any = None, data: Any = None, eva
     start = time.perf_counter()
     cfg = slt if slt is not None else slt_mod.SLTConfig()
     out_dir = check_out_dir(out, overwrite=overwrite)
+    for value, flag, zero in ((eval_images, "--eval-images", False), (bn_recalib, "--bn-recalib", True),
+                              (bench_repeats, "--bench-repeats", False)):
+        _positive_int(value, flag, zero=zero)
     if train_images is not None:
         _positive_int(train_images, "--train-images")
-    _positive_int(eval_images, "--eval-images")
-    _positive_int(bn_recalib, "--bn-recalib", zero=True)
-    _positive_int(bench_repeats, "--bench-repeats")
     if (epochs is None) == (budget_minutes is None):
         raise InputError("give the training budget as --epochs N or --budget-minutes M (one of them)")
     budget = None if budget_minutes is None else 60.0 * budget_minutes
@@ -143,59 +145,75 @@ def run_slt(*, arch: str | None = None, model: Any = None, data: Any = None, eva
     train, test, evaluated_on = _datasets(data, eval_data, train_images, eval_images, seed)
     num_classes = int(train.y.max()) + 1
     template, arch_name = _template(arch, model, trust_pickle, num_classes)
-    shape = train.image_shape
-    with torch.no_grad():
-        try:
-            classes = int(template.eval()(torch.zeros((2, *shape))).shape[1])
-        except Exception as exc:  # noqa: BLE001 - any forward failure: the data does not fit the architecture
-            raise InputError(f"--arch {arch_name} does not accept {shape} images: {str(exc).splitlines()[0]}") from None
-    for ds, flag in ((train, "--data"), (test, "--eval-data")):
-        check_dataset(ds, input_shape=shape, num_classes=classes, name=flag)
+    shape, classes = train.image_shape, _check_fit(template, arch_name, train, test)
     do_augment = augment if augment is not None else tuple(shape[1:]) == (32, 32)
     loader = make_loader(train, batch_size=batch_size, normalize=normalize, shuffle=True, augment=do_augment,
                          seed=seed)
     eval_loader = make_loader(test, batch_size=256, normalize=normalize)
     policy = ThreadPolicy(threads)
-    fp32_bits = slt_mod.fp32_bits(template)
-
-    if train_weights:
-        net = _reinitialised(template, seed)
-        callbacks: list[Any] = []
-    else:
-        net = slt_mod.make_slt(template, cfg)
-        callbacks = [slt_mod.MaskChurn()]
+    net = _reinitialised(template, seed) if train_weights else slt_mod.make_slt(template, cfg)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     with policy.apply("train"):
-        trained = Trainer(train_cfg, device=dev, callbacks=callbacks, progress=progress).fit(
-            net, loader, eval_loader=eval_loader)
+        trained = Trainer(train_cfg, device=dev, callbacks=[] if train_weights else [slt_mod.MaskChurn()],
+                          progress=progress).fit(net, loader, eval_loader=eval_loader)
         net = trained.model
         bn_images = 0
         if bn_recalib and not train_weights:
-            bn_images = recalibrate_bn(net, make_loader(calibration_subset(train, min(bn_recalib, len(train)),
-                                                                           seed=seed), batch_size=256,
-                                                        normalize=normalize))
+            subset = calibration_subset(train, min(bn_recalib, len(train)), seed=seed)
+            bn_images = recalibrate_bn(net, make_loader(subset, batch_size=256, normalize=normalize))
     deployed = slt_mod.materialize(net) if not train_weights else copy.deepcopy(net).cpu().eval()
     with policy.apply("evaluate"):
         accuracy = evaluate(deployed, eval_loader, device="cpu")
     parity_inputs = [x for x, _ in make_loader(test.subset(list(range(min(256, len(test))))), batch_size=64,
                                                normalize=normalize)]
-    stage_parent = out_dir.resolve()
-    while not stage_parent.exists():
-        stage_parent = stage_parent.parent
-    stage = Path(tempfile.mkdtemp(prefix=".slt-", dir=stage_parent))
+    report = _report_head(arch_name, cfg, train_weights, command, evaluated_on, len(train), accuracy, classes,
+                          trained, trainable, bn_images, train_cfg, do_augment, normalize, str(dev))
+
+    fill = functools.partial(_artefacts, report=report, net=net, deployed=deployed, template=template, arch=arch_name,
+                             num_classes=num_classes, shape=shape, inputs=parity_inputs, train_weights=train_weights,
+                             start=start, export=dict(atol=atol, threads=threads, batches=bench_batches,
+                                                      repeats=bench_repeats, seed=seed))
+    files = _publish(out_dir, report, fill)
+    return SLTRun(report, out_dir, files, deployed)
+
+
+def _artefacts(stage: Path, *, report: dict[str, Any], net: nn.Module, deployed: nn.Module, template: nn.Module,
+               arch: str, num_classes: int, shape: tuple[int, ...], inputs: list[torch.Tensor], train_weights: bool,
+               start: float, export: dict[str, Any]) -> None:
+    """Into ``stage``: the ticket (stored, reloaded, checked bit-identical) and the ONNX graph; completes ``report``."""
+    if not train_weights:
+        report["reload"] = _store_and_reload(net, deployed, stage, arch, num_classes, shape, inputs, template)
+        report["layers"] = list(slt_mod.iter_plan_rows(net))
+        report["size"] = _sizes(net, stage / "ticket.slt", slt_ticket.fp32_bits(template))
+    else:
+        report["size"] = {"fp32_bits": slt_ticket.fp32_bits(template),
+                          "params": sum(p.numel() for p in deployed.parameters())}
+    report.update(_export_and_time(deployed, net, train_weights, stage, inputs, shape, **export))
+    report["seconds"] = round(time.perf_counter() - start, 2)
+
+
+def _check_fit(template: nn.Module, arch: str, train: ImageDataset, test: ImageDataset) -> int:
+    """The architecture's number of outputs; the data must fit it (one-line error otherwise)."""
+    with torch.no_grad():
+        try:
+            classes = int(template.eval()(torch.zeros((2, *train.image_shape))).shape[1])
+        except Exception as exc:  # noqa: BLE001 - any forward failure: the data does not fit the architecture
+            raise InputError(f"--arch {arch} does not accept {train.image_shape} images: "
+                             f"{str(exc).splitlines()[0]}") from None
+    for ds, flag in ((train, "--data"), (test, "--eval-data")):
+        check_dataset(ds, input_shape=train.image_shape, num_classes=classes, name=flag)
+    return classes
+
+
+def _publish(out_dir: Path, report: dict[str, Any], fill: Any) -> dict[str, Path]:
+    """Stage every output in a temporary folder beside ``out_dir`` (``fill(stage)`` writes the artefacts and
+    completes ``report``), then move them in; a failure leaves nothing behind."""
+    parent = out_dir.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    stage = Path(tempfile.mkdtemp(prefix=".slt-", dir=parent))
     try:
-        report = _report_head(arch_name, cfg, train_weights, command, evaluated_on, len(train), accuracy, classes,
-                              trained, trainable, bn_images, train_cfg, do_augment, normalize, str(dev))
-        if not train_weights:
-            report["reload"] = _store_and_reload(net, deployed, stage, arch_name, num_classes, shape, parity_inputs,
-                                                 template)
-            report["layers"] = list(slt_mod.iter_plan_rows(net))
-            report["size"] = _sizes(net, stage / "ticket.slt", fp32_bits)
-        else:
-            report["size"] = {"fp32_bits": fp32_bits, "params": sum(p.numel() for p in deployed.parameters())}
-        report.update(_export_and_time(deployed, net, train_weights, stage, parity_inputs, shape, atol=atol,
-                                       threads=threads, batches=bench_batches, repeats=bench_repeats, seed=seed))
-        report["seconds"] = round(time.perf_counter() - start, 2)
+        fill(stage)
         (stage / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         (stage / "report.md").write_text(render_markdown(report))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +222,7 @@ def run_slt(*, arch: str | None = None, model: Any = None, data: Any = None, eva
             if (stage / name).exists():
                 os.replace(stage / name, out_dir / name)
                 files[name] = out_dir / name
-        return SLTRun(report, out_dir, files, deployed)
+        return files
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -247,9 +265,9 @@ def _kind(cfg: slt_mod.SLTConfig) -> str:
 def _store_and_reload(net: nn.Module, deployed: nn.Module, stage: Path, arch: str, num_classes: int,
                       shape: tuple[int, ...], inputs: list[torch.Tensor], template: nn.Module) -> dict[str, Any]:
     """Write ``ticket.slt``, rebuild the network from it and require bit-identical outputs."""
-    path = slt_mod.save_ticket(net, stage / "ticket.slt", arch=arch, num_classes=num_classes, input_shape=shape)
+    path = slt_ticket.save_ticket(net, stage / "ticket.slt", arch=arch, num_classes=num_classes, input_shape=shape)
     base = None if ":" not in arch and arch in _builtin() else template
-    rebuilt = slt_mod.load_slt(path, base=base)
+    rebuilt = slt_ticket.load_slt(path, base=base)
     worst = 0.0
     identical = True
     with torch.no_grad():
@@ -271,8 +289,8 @@ def _builtin() -> list[str]:
 
 
 def _sizes(net: nn.Module, ticket: Path, fp32_bits: int) -> dict[str, Any]:
-    bits = slt_mod.size_bits(net)
-    dense_slt = bits["dense_source_mask_bits"] + slt_mod.SEED_BITS + bits["bn_bits"]
+    bits = slt_ticket.size_bits(net)
+    dense_slt = bits["dense_source_mask_bits"] + slt_ticket.SEED_BITS + bits["bn_bits"]
     return {**bits, "ticket_file_bytes": ticket.stat().st_size,
             "dense_source_slt_bits": dense_slt, "fp32_weight_trained_bits": fp32_bits,
             "mask_reduction_vs_dense_source": round(bits["dense_source_mask_bits"] / max(bits["mask_bits"], 1), 4),

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from compressor import slt
+from compressor import slt, slt_ticket
 from compressor.cli import main as cli_main
 from compressor.data import ImageDataset, make_loader
 from compressor.errors import InputError
@@ -124,14 +124,14 @@ def test_artefact_size_matches_the_formula_and_reloads_bit_identically(tmp_path,
         for _ in range(3):  # BatchNorm statistics that are not the defaults
             net(torch.randn(8, 3, 8, 8))
     net.eval()
-    path = slt.save_ticket(net, tmp_path / "t.slt", arch="tiny")
+    path = slt_ticket.save_ticket(net, tmp_path / "t.slt", arch="tiny")
     payload = torch.load(path, weights_only=True)
     p = share if share is not None else 1 - keep
     expected = sum(n - round(n * freeze * p) - round(n * freeze * (1 - p)) for n in (8 * 27, 16 * 72, 4 * 16))
     assert payload["n_bits"] == expected
     assert payload["mask_bits"].dtype == torch.uint8 and payload["mask_bits"].numel() == math.ceil(expected / 8)
     assert sum(t.numel() for s in payload["bn"].values() for t in s.values()) == 2 * (8 + 16)  # the only floats
-    size = slt.size_bits(net)
+    size = slt_ticket.size_bits(net)
     assert size["mask_bits"] == expected
     assert size["total_bits"] == expected + 2 * 64 + 32 * 2 * (8 + 16)
     assert size["dense_source_mask_bits"] == 8 * 27 + 16 * 72 + 4 * 16

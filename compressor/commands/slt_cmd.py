@@ -36,75 +36,109 @@ HELP = (
 )
 
 
-def slt_command(
-    arch: Annotated[Optional[str], typer.Option(
+_ARCH = Annotated[Optional[str], typer.Option(
         help="Architecture of the random source network: a built-in name (resnet20..resnet110, vgg11_bn, vgg16_bn, "
-             "mobilenetv2, samplenet), path/to/file.py:fn or package.module:fn. E.g. --arch resnet20")] = None,
-    model: Annotated[Optional[Path], typer.Option(
+             "mobilenetv2, samplenet), path/to/file.py:fn or package.module:fn. E.g. --arch resnet20")]
+_MODEL = Annotated[Optional[Path], typer.Option(
         help="A checkpoint that only names the architecture (its weights are never used). E.g. --model "
-             "resnet20.th --arch resnet20")] = None,
-    data: Annotated[Optional[str], typer.Option(
+             "resnet20.th --arch resnet20")]
+_DATA = Annotated[Optional[str], typer.Option(
         help="Training images for the score search: .npz, ImageFolder, CIFAR-10 dir or file.py:fn. E.g. --data "
-             "train.npz")] = None,
-    eval_data: Annotated[Optional[str], typer.Option(
+             "train.npz")]
+_EVAL_DATA = Annotated[Optional[str], typer.Option(
         help="Evaluation images (default: --eval-images class-balanced images of --data). E.g. --eval-data "
-             "test.npz")] = None,
-    normalize: Annotated[str, typer.Option(
+             "test.npz")]
+_NORMALIZE = Annotated[str, typer.Option(
         help="Input normalisation after scaling to [0,1]: imagenet, cifar, none or m1,m2,m3/s1,s2,s3. E.g. "
-             "--normalize imagenet")] = "none",
-    keep: Annotated[float, typer.Option(
-        help="Fraction of the weights in the final ticket, in (0, 1). E.g. --keep 0.5")] = 0.5,
-    freeze: Annotated[float, typer.Option(
+             "--normalize imagenet")]
+_KEEP = Annotated[float, typer.Option(
+        help="Fraction of the weights in the final ticket, in (0, 1). E.g. --keep 0.5")]
+_FREEZE = Annotated[float, typer.Option(
         help="Fraction of the weights frozen before the search, in [0, 1) (0 = the dense source). E.g. --freeze "
-             "0.7")] = 0.0,
-    freeze_prune: Annotated[Optional[float], typer.Option(
+             "0.7")]
+_FREEZE_PRUNE = Annotated[Optional[float], typer.Option(
         help="Share of the frozen weights that are pruned (the rest are locked in), in [0, 1] (default: 1 - the "
-             "layer's keep ratio; 1 = a randomly pruned source). E.g. --freeze-prune 0.5")] = None,
-    distribution: Annotated[str, typer.Option(
-        help="Per-layer keep ratios: uniform or erk (Erdos-Renyi-kernel). E.g. --distribution erk")] = "uniform",
-    init: Annotated[str, typer.Option(
+             "layer's keep ratio; 1 = a randomly pruned source). E.g. --freeze-prune 0.5")]
+_DISTRIBUTION = Annotated[str, typer.Option(
+        help="Per-layer keep ratios: uniform or erk (Erdos-Renyi-kernel). E.g. --distribution erk")]
+_INIT = Annotated[str, typer.Option(
         help="Random weights: signed-constant or kaiming-normal (edge-popup's). E.g. --init kaiming-normal")]
-    = "signed-constant",
-    scale_fan: Annotated[bool, typer.Option(
+_SCALE_FAN = Annotated[bool, typer.Option(
         "--scale-fan/--no-scale-fan", help="Scale the initialisation's fan by the layer's keep ratio (edge-popup's "
-                                           "scale_fan).")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of the random weights (and of batch order, augmentation and, with "
-                                           "--train-weights, the initialisation). E.g. --seed 0")] = 0,
-    freeze_seed: Annotated[int, typer.Option(help="Seed of the freezing pattern. E.g. --freeze-seed 1")] = 1,
-    score_seed: Annotated[int, typer.Option(help="Seed of the scores' initialisation. E.g. --score-seed 2")] = 2,
-    train_weights: Annotated[bool, typer.Option(
+                                           "scale_fan).")]
+_SEED = Annotated[int, typer.Option(help="Seed of the random weights (and of batch order, augmentation and, with "
+                                           "--train-weights, the initialisation). E.g. --seed 0")]
+_FREEZE_SEED = Annotated[int, typer.Option(help="Seed of the freezing pattern. E.g. --freeze-seed 1")]
+_SCORE_SEED = Annotated[int, typer.Option(help="Seed of the scores' initialisation. E.g. --score-seed 2")]
+_TRAIN_WEIGHTS = Annotated[bool, typer.Option(
         "--train-weights", help="Baseline: train the weights of the architecture (standard init, affine BatchNorm) "
-                                "instead of searching a ticket; --keep/--freeze are ignored.")] = False,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs of score search (or weight training); default 10. "
-                                                       "E.g. --epochs 10")] = None,
-    budget_minutes: Annotated[Optional[float], typer.Option(
+                                "instead of searching a ticket; --keep/--freeze are ignored.")]
+_EPOCHS = Annotated[Optional[int], typer.Option(help="Epochs of score search (or weight training); default 10. "
+                                                       "E.g. --epochs 10")]
+_BUDGET_MINUTES = Annotated[Optional[float], typer.Option(
         help="Instead of --epochs: train for this many wall-clock minutes (cosine schedule over the time). E.g. "
-             "--budget-minutes 20")] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule). E.g. --lr 0.1")] = 0.1,
-    optimizer: Annotated[str, typer.Option(help="sgd or adamw. E.g. --optimizer sgd")] = "sgd",
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (on the scores). E.g. --weight-decay 5e-4")]
-    = 5e-4,
-    batch_size: Annotated[int, typer.Option(help="Training batch size. E.g. --batch-size 128")] = 128,
-    train_images: Annotated[Optional[int], typer.Option(
-        help="Use this many class-balanced images of --data (default: all). E.g. --train-images 10000")] = None,
-    eval_images: Annotated[int, typer.Option(
-        help="Images of --data evaluated when --eval-data is not given. E.g. --eval-images 1000")] = 1000,
-    augment: Annotated[Optional[bool], typer.Option(
-        "--augment/--no-augment", help="Crop+flip while training (default: on for 32x32 images).")] = None,
-    bn_recalib: Annotated[int, typer.Option(
+             "--budget-minutes 20")]
+_LR = Annotated[float, typer.Option(help="Peak learning rate (cosine schedule). E.g. --lr 0.1")]
+_OPTIMIZER = Annotated[str, typer.Option(help="sgd or adamw. E.g. --optimizer sgd")]
+_WEIGHT_DECAY = Annotated[float, typer.Option(help="Weight decay (on the scores). E.g. --weight-decay 5e-4")]
+_BATCH_SIZE = Annotated[int, typer.Option(help="Training batch size. E.g. --batch-size 128")]
+_TRAIN_IMAGES = Annotated[Optional[int], typer.Option(
+        help="Use this many class-balanced images of --data (default: all). E.g. --train-images 10000")]
+_EVAL_IMAGES = Annotated[int, typer.Option(
+        help="Images of --data evaluated when --eval-data is not given. E.g. --eval-images 1000")]
+_AUGMENT = Annotated[Optional[bool], typer.Option(
+        "--augment/--no-augment", help="Crop+flip while training (default: on for 32x32 images).")]
+_BN_RECALIB = Annotated[int, typer.Option(
         help="Images of --data on which the ticket's BatchNorm statistics are re-estimated after the search (0 = "
-             "off). E.g. --bn-recalib 1024")] = 1024,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda. E.g. --device cpu")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="Threads for training, evaluation and onnxruntime. E.g. "
-                                                        "--threads 1")] = None,
-    bench_batch: Annotated[str, typer.Option(help="onnxruntime latency batch sizes; none skips. E.g. --bench-batch "
-                                                  "1,32")] = "1,32",
-    bench_repeats: Annotated[int, typer.Option(help="Timed runs per graph and batch. E.g. --bench-repeats 30")] = 30,
-    atol: Annotated[float, typer.Option(help="Max |PyTorch - onnxruntime| accepted. E.g. --atol 1e-4")] = 1e-4,
-    out: Annotated[Path, typer.Option(help="Output folder. E.g. --out runs/slt")] = Path("slt"),
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace outputs already in --out.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="One line per epoch on stderr.")] = True,
+             "off). E.g. --bn-recalib 1024")]
+_DEVICE = Annotated[str, typer.Option(help="auto, cpu or cuda. E.g. --device cpu")]
+_THREADS = Annotated[Optional[int], typer.Option(help="Threads for training, evaluation and onnxruntime. E.g. "
+                                                        "--threads 1")]
+_BENCH_BATCH = Annotated[str, typer.Option(help="onnxruntime latency batch sizes; none skips. E.g. --bench-batch "
+                                                  "1,32")]
+_BENCH_REPEATS = Annotated[int, typer.Option(help="Timed runs per graph and batch. E.g. --bench-repeats 30")]
+_ATOL = Annotated[float, typer.Option(help="Max |PyTorch - onnxruntime| accepted. E.g. --atol 1e-4")]
+_OUT = Annotated[Path, typer.Option(help="Output folder. E.g. --out runs/slt")]
+_OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace outputs already in --out.")]
+_JSON_OUTPUT = Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")]
+_PROGRESS = Annotated[bool, typer.Option("--progress/--no-progress", help="One line per epoch on stderr.")]
+
+
+def slt_command(
+    arch: _ARCH = None,
+    model: _MODEL = None,
+    data: _DATA = None,
+    eval_data: _EVAL_DATA = None,
+    normalize: _NORMALIZE = "none",
+    keep: _KEEP = 0.5,
+    freeze: _FREEZE = 0.0,
+    freeze_prune: _FREEZE_PRUNE = None,
+    distribution: _DISTRIBUTION = "uniform",
+    init: _INIT = "signed-constant",
+    scale_fan: _SCALE_FAN = True,
+    seed: _SEED = 0,
+    freeze_seed: _FREEZE_SEED = 1,
+    score_seed: _SCORE_SEED = 2,
+    train_weights: _TRAIN_WEIGHTS = False,
+    epochs: _EPOCHS = None,
+    budget_minutes: _BUDGET_MINUTES = None,
+    lr: _LR = 0.1,
+    optimizer: _OPTIMIZER = "sgd",
+    weight_decay: _WEIGHT_DECAY = 5e-4,
+    batch_size: _BATCH_SIZE = 128,
+    train_images: _TRAIN_IMAGES = None,
+    eval_images: _EVAL_IMAGES = 1000,
+    augment: _AUGMENT = None,
+    bn_recalib: _BN_RECALIB = 1024,
+    device: _DEVICE = "auto",
+    threads: _THREADS = None,
+    bench_batch: _BENCH_BATCH = "1,32",
+    bench_repeats: _BENCH_REPEATS = 30,
+    atol: _ATOL = 1e-4,
+    out: _OUT = Path("slt"),
+    overwrite: _OVERWRITE = False,
+    json_output: _JSON_OUTPUT = False,
+    progress: _PROGRESS = True,
     trust_pickle: TrustPickle = False,
     debug: Debug = False,
 ) -> None:
