@@ -30,7 +30,8 @@ import torch
 
 from compressor.data import ImageDataset, calibration_subset, load_dataset, make_loader
 from compressor.distill_data import ConvNet, distill, save_distilled
-from compressor.training import TrainConfig, Trainer, evaluate
+from compressor.evaluation import evaluate
+from compressor.training import TrainConfig, Trainer
 
 from ._child import write_json
 from ._paths import RESULTS, TEST, TRAIN, missing

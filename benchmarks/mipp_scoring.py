@@ -44,7 +44,7 @@ TRAIN, TEST = SHARED / "data/cifar10/train.npz", SHARED / "data/cifar10/test1000
 
 def _recalibrated(model: nn.Module, loader: Any) -> nn.Module:
     """A copy with BatchNorm statistics re-estimated on ``loader`` (the pipeline's ``--bn-recalib``)."""
-    from compressor.training import recalibrate_bn
+    from compressor.evaluation import recalibrate_bn
 
     model = copy.deepcopy(model)
     recalibrate_bn(model, loader)
@@ -53,7 +53,7 @@ def _recalibrated(model: nn.Module, loader: Any) -> nn.Module:
 
 def _accuracy(model: nn.Module, groups: Any, scores: dict, keep: dict, loaders: dict) -> dict[str, float]:
     from compressor.pruning import engine
-    from compressor.training import evaluate
+    from compressor.evaluation import evaluate
 
     example = torch.zeros(1, 3, 32, 32)
     pruned = copy.deepcopy(model)
@@ -114,7 +114,7 @@ def _jaccard(a: dict, b: dict) -> float:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from compressor import data as data_mod
     from compressor.io import load_model
-    from compressor.training import evaluate
+    from compressor.evaluation import evaluate
 
     train = data_mod.load_dataset(str(TRAIN))
     loaders = {

@@ -28,7 +28,8 @@ from .methods.base import Budget, Method, MethodContext
 from .metrics import count_filters, count_macs, count_params
 from .pruning import engine
 from .threads import ThreadPolicy
-from .training import Callback, TrainConfig, Trainer, TrainState, evaluate, recalibrate_bn
+from .evaluation import evaluate, recalibrate_bn
+from .training import Callback, TrainConfig, Trainer, TrainState
 
 
 class Stopwatch:

@@ -37,7 +37,8 @@ from .data import ImageDataset, calibration_subset, check_dataset, load_dataset,
 from .errors import InputError, OutputError, ValidationError
 from .io import check_writable_dir, load_model
 from .threads import ThreadPolicy
-from .training import TrainConfig, Trainer, evaluate, recalibrate_bn
+from .evaluation import evaluate, recalibrate_bn
+from .training import TrainConfig, Trainer
 
 __all__ = ["OUTPUT_FILES", "SLTRun", "check_out_dir", "render_markdown", "run_slt"]
 

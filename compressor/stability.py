@@ -41,7 +41,8 @@ from .data import ImageDataset, calibration_subset, check_dataset, load_dataset,
 from .errors import InputError, OutputError
 from .io import check_writable_dir, load_model
 from .methods.masks import MaskKeeper, masked_layers, sparsity
-from .training import TrainConfig, Trainer, evaluate, recalibrate_bn
+from .evaluation import evaluate, recalibrate_bn
+from .training import TrainConfig, Trainer
 
 __all__ = ["OUTPUT_FILES", "PLOT_EXTRA", "StabilityResult", "check_out_dir", "error_barrier", "interpolate_state",
            "interpolation_coefficients", "linear_path_errors", "render_markdown", "save_stability", "stability"]

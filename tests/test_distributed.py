@@ -33,7 +33,8 @@ from compressor.data import ImageDataset
 from compressor.distributed import Dist, DistributedTraining, PeerFailed, pooled_mean, scaled_lr, setup, teardown
 from compressor.models import create_model
 from compressor.models.samplenet import SampleNet
-from compressor.training import TrainConfig, Trainer, recalibrate_bn
+from compressor.evaluation import recalibrate_bn
+from compressor.training import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 20.0  # the process group's timeout in these tests

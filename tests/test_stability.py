@@ -17,7 +17,7 @@ from compressor.io import compressed_payload
 from compressor.models import create_model
 from compressor.stability import (OUTPUT_FILES, error_barrier, interpolate_state, interpolation_coefficients,
                                   linear_path_errors, stability)
-from compressor.training import evaluate
+from compressor.evaluation import evaluate
 
 from .conftest import SAMPLES
 
@@ -78,7 +78,7 @@ def test_path_errors_reestimate_batchnorm_at_every_point() -> None:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.fill_(50.0)
     errors = linear_path_errors(stale, stale, alphas=[0.0, 1.0], bn_loader=loader, eval_loader=loader)
-    from compressor.training import recalibrate_bn
+    from compressor.evaluation import recalibrate_bn
 
     recalibrate_bn(model, loader)
     assert errors == [pytest.approx(1 - evaluate(model, loader))] * 2

@@ -13,6 +13,7 @@ from torch import nn
 
 from compressor.data import ImageDataset, make_loader
 from compressor.errors import DataError, InputError
+from compressor.evaluation import evaluate, recalibrate_bn
 from compressor.training import (
     Callback,
     TrainConfig,
@@ -21,8 +22,6 @@ from compressor.training import (
     TrainState,
     cosine_lr,
     distillation_loss,
-    evaluate,
-    recalibrate_bn,
 )
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"

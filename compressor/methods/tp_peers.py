@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..pruning.engine import full_tp_group
-from ..training import modes_kept
+from ..evaluation import modes_kept
 from .prune import PruneMethod, Scores, ScoringContext
 
 __all__ = ["PEERS", "TpBN", "TpFPGM", "TpHessian", "TpLAMP", "TpMagnitude", "TpTaylor"]

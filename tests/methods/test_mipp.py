@@ -395,7 +395,7 @@ def test_real_resnet20_keeps_more_accuracy_than_l1() -> None:
     """Trained ResNet-20 (../shared), 0.33 of the filters, no fine-tuning: top-1 on test1000 after BN
     recalibration above l1's (measured 37.5% against 32.6%; same images, ±1.5 points sampling error each)."""
     from compressor import data as data_mod
-    from compressor.training import evaluate, recalibrate_bn
+    from compressor.evaluation import evaluate, recalibrate_bn
     from compressor.io import load_model
 
     train, test = shared_file("data/cifar10/train.npz"), shared_file("data/cifar10/test1000.npz")
