@@ -26,3 +26,12 @@ def test_method_choices_match_the_golden_record(method: str) -> None:
     for key in ("params", "macs", "filters"):
         assert got[key] == expected[key], f"{method}: {key} {got[key]} != golden {expected[key]}"
     assert got["top1"] == pytest.approx(expected["top1"], abs=0.002), f"{method}: top-1 moved"
+
+
+def test_mipp_keeps_more_accuracy_than_l1_on_real_resnet20() -> None:
+    """mipp's claim on trained ResNet-20 at a third of the filters, before fine-tuning (BN recalibrated, test1000):
+    more top-1 than l1 with no more filters. The record's values are what the live code produces: the golden test
+    above recomputes both rows from ../shared and pins them to 0.2 points (this replaced a separate 57 s run)."""
+    l1, mipp = RECORD["methods"]["l1"], RECORD["methods"]["mipp"]
+    assert mipp["top1"] > l1["top1"] + 0.02, (mipp["top1"], l1["top1"])
+    assert mipp["filters"] <= l1["filters"]
