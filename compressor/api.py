@@ -7,8 +7,6 @@ and :mod:`compressor.deploy`.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from .config import CompressConfig
 from .deploy import benchmark, check_runtime, export_verify, quantize
 from .distributed import Dist
 from .errors import InputError, OutputError
-from .io import LoadedModel, atomic_save, check_writable_dir, compressed_payload
+from .io import LoadedModel, atomic_save, check_writable_dir, compressed_payload, publish, staging
 from .methods import build_method, list_methods  # noqa: F401 - list_methods is re-exported by compressor/__init__
 
 OUTPUT_FILES = ("original.onnx", "compressed.onnx", "original.int8.onnx", "compressed.int8.onnx", "compressed.pt",
@@ -68,26 +66,6 @@ def check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
     for name in OUTPUT_FILES:
         if (out / name).resolve() in resolved:
             raise OutputError(f"--out {out} would overwrite the input {out / name}; choose another --out")
-
-
-def _nearest_existing(path: Path) -> Path:
-    """The closest existing ancestor of ``path``: staging there keeps the final moves on one filesystem."""
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def _publish(stage_dir: Path, out: Path) -> dict[str, Path]:
-    """Move finished files from the staging folder into ``out`` (each move is an atomic rename)."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for name in OUTPUT_FILES:
-        src = stage_dir / name
-        if src.exists():
-            os.replace(src, out / name)
-            files[name] = out / name
-    return files
 
 
 def _config(config: CompressConfig | None, options: dict[str, Any]) -> CompressConfig:
@@ -303,9 +281,7 @@ def _deploy_and_write(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, p
                       command: list[str] | None, accuracy_original: float | None,
                       where: Dist | None) -> CompressionResult:
     """Export, verify, quantise, benchmark, report; with ``out_dir``, stage the files and publish them at once."""
-    parent = _nearest_existing(out_dir) if out_dir is not None else None
-    stage_dir = Path(tempfile.mkdtemp(prefix=".compressor-stage-", dir=parent))
-    try:
+    with staging(out_dir, prefix=".compressor-stage-") as stage_dir:
         deployed = _deploy(original, tuned, prepared, cfg, accuracy_original, stage_dir, watch)
         report = _report(loaded, original, tuned, prepared, method, cfg, deployed, accuracy_original, watch, command,
                          where)
@@ -313,9 +289,7 @@ def _deploy_and_write(loaded: LoadedModel, original: nn.Module, tuned: _Tuned, p
         if out_dir is not None:
             with watch.stage("write"):
                 _write(stage_dir, tuned.model, loaded, prepared, tuned.records, report)
-                files = _publish(stage_dir, out_dir)
-    finally:
-        shutil.rmtree(stage_dir, ignore_errors=True)
+                files = publish(stage_dir, out_dir, OUTPUT_FILES)
     return CompressionResult(tuned.model, original, report, out_dir, files)
 
 

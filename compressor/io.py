@@ -10,13 +10,16 @@ architecture spec, the list of structural transforms that were applied (the prun
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,6 +328,34 @@ def atomic_save(write: Callable[[Path], object], path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def staging(out: Path | None, *, prefix: str) -> Iterator[Path]:
+    """A temporary folder for a run's outputs, removed on exit whatever happens: beside ``out`` (in its nearest
+    existing ancestor, so :func:`publish`'s moves are renames on one filesystem), or in the system's temp folder
+    when nothing is written. Outputs go here first, so a failed run leaves no partial file in ``out``."""
+    parent = None
+    if out is not None:
+        parent = out.resolve()
+        while not parent.exists():
+            parent = parent.parent
+    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, out: Path, names: Iterable[str]) -> dict[str, Path]:
+    """Move the finished files ``names`` that exist in ``stage`` into ``out`` (each an atomic rename); their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name in names:
+        if (stage / name).exists():
+            os.replace(stage / name, out / name)
+            files[name] = out / name
+    return files
 
 
 def check_writable_dir(path: Path) -> None:

@@ -20,9 +20,7 @@ import copy
 import functools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from . import slt as slt_mod
 from . import slt_ticket
 from .data import ImageDataset, calibration_subset, check_dataset, load_dataset, make_loader
 from .errors import InputError, OutputError, ValidationError
-from .io import check_writable_dir, load_model
+from .io import check_writable_dir, load_model, publish, staging
 from .threads import ThreadPolicy
 from .evaluation import evaluate, recalibrate_bn
 from .training import TrainConfig, Trainer
@@ -209,23 +207,11 @@ def _check_fit(template: nn.Module, arch: str, train: ImageDataset, test: ImageD
 def _publish(out_dir: Path, report: dict[str, Any], fill: Any) -> dict[str, Path]:
     """Stage every output in a temporary folder beside ``out_dir`` (``fill(stage)`` writes the artefacts and
     completes ``report``), then move them in; a failure leaves nothing behind."""
-    parent = out_dir.resolve()
-    while not parent.exists():
-        parent = parent.parent
-    stage = Path(tempfile.mkdtemp(prefix=".slt-", dir=parent))
-    try:
+    with staging(out_dir, prefix=".slt-") as stage:
         fill(stage)
         (stage / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         (stage / "report.md").write_text(render_markdown(report))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for name in OUTPUT_FILES:
-            if (stage / name).exists():
-                os.replace(stage / name, out_dir / name)
-                files[name] = out_dir / name
-        return files
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        return publish(stage, out_dir, OUTPUT_FILES)
 
 
 def _reinitialised(template: nn.Module, seed: int) -> nn.Module:

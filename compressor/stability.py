@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,7 +37,7 @@ from torch import nn
 
 from .data import ImageDataset, calibration_subset, check_dataset, load_dataset, make_loader
 from .errors import InputError, OutputError
-from .io import check_writable_dir, load_model
+from .io import check_writable_dir, load_model, publish, staging
 from .methods.masks import MaskKeeper, masked_layers, sparsity
 from .evaluation import evaluate, recalibrate_bn
 from .training import TrainConfig, Trainer
@@ -314,21 +312,9 @@ def save_stability(result: StabilityResult, out: str | os.PathLike[str], *, plot
     """Write ``stability.json``, ``stability.md`` and (with ``plot``) ``stability.png`` into ``out``: staged in a
     temporary folder beside it and moved in only when all were written, so a failure leaves no partial file."""
     out = check_out_dir(out, overwrite=overwrite, plot=plot)
-    parent = out.resolve()
-    while not parent.exists():
-        parent = parent.parent
-    stage = Path(tempfile.mkdtemp(prefix=".stability-", dir=parent))
-    try:
+    with staging(out, prefix=".stability-") as stage:
         (stage / "stability.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
         (stage / "stability.md").write_text(render_markdown(result))
         if plot:
             _plot(result, stage / "stability.png")
-        out.mkdir(parents=True, exist_ok=True)
-        files = {}
-        for name in OUTPUT_FILES:
-            if (stage / name).exists():
-                os.replace(stage / name, out / name)
-                files[name] = out / name
-        return files
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        return publish(stage, out, OUTPUT_FILES)
