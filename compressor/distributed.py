@@ -269,14 +269,17 @@ class DistributedTraining(Callback):
 
 def check_supported(method: Any, cfg: Any) -> None:
     """Refuse, in one line, what cannot run under DDP: methods that act during fine-tuning (tucker's adaptive ranks
-    change layer shapes, mask/score methods change the parameters DDP registered) and time budgets (each rank
-    would stop after a different step, and DDP needs every rank to take every step)."""
+    change layer shapes, mask/score methods change the parameters DDP registered), time budgets (each rank would stop
+    after a different step, and DDP needs every rank to take every step) and evaluations at fixed times (same)."""
     if method.needs_epochs():
         raise InputError(f"--method {cfg.method} with these options changes the model while fine-tuning, which "
                          "DistributedDataParallel does not follow; run it in one process (without torchrun)")
     if cfg.budget_minutes is not None:
         raise InputError("--budget-minutes is not supported under torchrun (the ranks would stop after different "
                          "steps); use --epochs")
+    if getattr(cfg, "eval_every_minutes", None) is not None:
+        raise InputError("--eval-every-minutes is not supported under torchrun (the processes' clocks would disagree "
+                         "on when to evaluate together); the per-epoch evaluations still run")
 
 
 def launched() -> bool:

@@ -291,6 +291,7 @@ def test_a_killed_rank_makes_the_other_fail_cleanly_within_the_timeout(tmp_path:
 @pytest.mark.parametrize("flags, words", [
     (["--method", "tucker", "--tucker-adaptive", "--epochs", "1"], "changes the model while fine-tuning"),
     (["--budget-minutes", "1"], "--budget-minutes is not supported under torchrun"),
+    (["--epochs", "1", "--eval-every-minutes", "1"], "--eval-every-minutes is not supported under torchrun"),
 ])
 def test_what_ddp_cannot_follow_is_refused_in_one_line(flags: list[str], words: str, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
