@@ -22,7 +22,7 @@ from .commands import bench as bench_cmd
 from .commands import distill_cmd, slt_cmd, stability_cmd
 from .commands import inspect as inspect_cmd
 from .commands import methods as methods_cmd
-from .commands.common import make_app, parse_ints, run_guarded, setup_logging
+from .commands.common import make_app, parse_bench_batches, run_guarded, setup_logging
 from .distributed import leave_if_failed
 from .errors import InputError
 from .methods import REGISTRY
@@ -192,12 +192,6 @@ def method_options(given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _batches(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none", "0"):
-        return ()
-    return parse_ints(text, flag="--bench-batch", example="1,32")
-
-
 def parse_round_to(text: Any) -> int | str:
     """``--round-to``: ``auto`` or an integer (validated, >= 1, by the config); anything else is a one-line error."""
     value = str(text).strip().lower()
@@ -235,7 +229,7 @@ def compress_command(**kw: Any) -> None:
 def _compress(kw: dict[str, Any], options: dict[str, Any], method_values: dict[str, Any]) -> Any:
     from .api import compress, default_out_dir
 
-    options.update(bench_batches=_batches(kw["bench_batch"]), ignore_layers=tuple(kw["ignore_layer"] or ()),
+    options.update(bench_batches=parse_bench_batches(kw["bench_batch"]), ignore_layers=tuple(kw["ignore_layer"] or ()),
                    method_options=method_values, round_to=parse_round_to(kw["round_to"]))
     if options["target"] is None:
         options.pop("target")

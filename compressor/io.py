@@ -330,6 +330,19 @@ def atomic_save(write: Callable[[Path], object], path: Path) -> Path:
     return path
 
 
+def check_out_folder(out: str | os.PathLike[str], names: Iterable[str], *, overwrite: bool = False) -> Path:
+    """Fail before any work when the folder ``out`` cannot take the outputs ``names``: it is a file, already holds
+    one of them (without ``overwrite``), or is not writable."""
+    path = Path(out)
+    check_writable_dir(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {out} is a file; give a directory")
+    taken = [name for name in names if (path / name).exists()]
+    if taken and not overwrite:
+        raise OutputError(f"--out {out} already holds {taken[0]}; choose a new --out or pass --overwrite")
+    return path
+
+
 @contextlib.contextmanager
 def staging(out: Path | None, *, prefix: str) -> Iterator[Path]:
     """A temporary folder for a run's outputs, removed on exit whatever happens: beside ``out`` (in its nearest

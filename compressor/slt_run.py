@@ -32,8 +32,8 @@ from torch import nn
 from . import slt as slt_mod
 from . import slt_ticket
 from .data import ImageDataset, calibration_subset, check_dataset, load_dataset, make_loader
-from .errors import InputError, OutputError, ValidationError
-from .io import check_writable_dir, load_model, publish, staging
+from .errors import InputError, ValidationError
+from .io import check_out_folder, load_model, publish, staging
 from .threads import ThreadPolicy
 from .evaluation import evaluate, recalibrate_bn
 from .training import TrainConfig, Trainer
@@ -66,14 +66,7 @@ class SLTRun:
 def check_out_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Fail before any work when ``out`` cannot take the outputs (a file, already holding them without
     ``overwrite``, or not writable)."""
-    path = Path(out)
-    check_writable_dir(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--out {out} is a file; give a directory")
-    taken = [name for name in OUTPUT_FILES if (path / name).exists()]
-    if taken and not overwrite:
-        raise OutputError(f"--out {out} already holds {taken[0]}; choose a new --out or pass --overwrite")
-    return path
+    return check_out_folder(out, OUTPUT_FILES, overwrite=overwrite)
 
 
 def _positive_int(value: Any, flag: str, *, zero: bool = False) -> None:

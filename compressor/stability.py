@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from .data import ImageDataset, calibration_subset, check_dataset, load_dataset, make_loader
-from .errors import InputError, OutputError
-from .io import check_writable_dir, load_model, publish, staging
+from .errors import InputError
+from .io import check_out_folder, load_model, publish, staging
 from .methods.masks import MaskKeeper, masked_layers, sparsity
 from .evaluation import evaluate, recalibrate_bn
 from .training import TrainConfig, Trainer
@@ -247,13 +247,7 @@ def stability(model: str | os.PathLike[str] | nn.Module, *, data: Any, eval_data
 def check_out_dir(out: str | os.PathLike[str], *, overwrite: bool = False, plot: bool = True) -> Path:
     """Fail before any work when ``out`` cannot take the outputs: a file, already holding them (without
     ``overwrite``), not writable, or a plot is wanted without matplotlib (:data:`PLOT_EXTRA`)."""
-    path = Path(out)
-    check_writable_dir(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--out {out} is a file; give a directory")
-    taken = [name for name in OUTPUT_FILES if (path / name).exists()]
-    if taken and not overwrite:
-        raise OutputError(f"--out {out} already holds {taken[0]}; choose a new --out or pass --overwrite")
+    path = check_out_folder(out, OUTPUT_FILES, overwrite=overwrite)
     if plot:
         try:
             import matplotlib  # noqa: F401

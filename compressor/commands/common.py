@@ -23,7 +23,7 @@ from exporters.errors import ExportError
 
 from ..errors import CompressorError, InputError
 
-__all__ = ["make_app", "parse_ints", "run_guarded", "setup_logging"]
+__all__ = ["make_app", "parse_bench_batches", "parse_ints", "run_guarded", "setup_logging"]
 
 T = TypeVar("T")
 
@@ -113,3 +113,10 @@ def parse_ints(text: str, *, flag: str, example: str) -> tuple[int, ...]:
     if any(v < 1 for v in values):
         raise InputError(f"{flag} values must be >= 1; got {text!r}")
     return values
+
+
+def parse_bench_batches(text: str) -> tuple[int, ...]:
+    """``--bench-batch``: ``"1,32"`` -> ``(1, 32)``; ``none``, ``0`` or empty -> ``()`` (no benchmark)."""
+    if text.strip().lower() in ("", "none", "0"):
+        return ()
+    return parse_ints(text, flag="--bench-batch", example="1,32")

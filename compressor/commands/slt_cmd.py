@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import Debug, TrustPickle, parse_ints, run_guarded, setup_logging
+from .common import Debug, TrustPickle, parse_bench_batches, run_guarded, setup_logging
 
 __all__ = ["EXAMPLE", "register", "slt_command"]
 
@@ -159,8 +159,7 @@ def _work(kw: dict[str, Any]) -> None:
     cfg = SLTConfig(keep=kw["keep"], freeze=kw["freeze"], freeze_prune=kw["freeze_prune"],
                     distribution=kw["distribution"], init=kw["init"], scale_fan=kw["scale_fan"],
                     weight_seed=kw["seed"], freeze_seed=kw["freeze_seed"], score_seed=kw["score_seed"])
-    text = kw["bench_batch"].strip().lower()
-    batches = () if text in ("", "none", "0") else parse_ints(kw["bench_batch"], flag="--bench-batch", example="1,32")
+    batches = parse_bench_batches(kw["bench_batch"])
     epochs = kw["epochs"] if kw["epochs"] is not None or kw["budget_minutes"] is not None else 10
     names = ("arch", "model", "data", "eval_data", "normalize", "train_weights", "budget_minutes", "lr", "optimizer",
              "weight_decay", "batch_size", "train_images", "eval_images", "augment", "bn_recalib", "seed", "device",
